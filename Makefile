@@ -1,0 +1,27 @@
+# The two commands a newcomer needs:  make run  (the main job)  and  make test  (the whole suite).
+# Both create .venv on first use. torch is installed first and pinned: 2.13.0 is a CPU wheel on
+# this machine class's disk, while any other spec downloads a multi-GB CUDA build.
+
+VENV   ?= .venv
+PYTHON ?= python3
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.installed
+
+.PHONY: setup run test clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/lagent train --params configs/cartpole.yaml --run-dir runs/cartpole --force
+
+test: setup
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

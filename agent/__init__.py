@@ -1,0 +1,29 @@
+"""A DQN learning agent: ``from agent import LearningAgent, TrainingManager, ...``.
+
+The public API is every class the spec names; see ``README.md`` for a tour.
+"""
+
+from agent.checkpoint import CheckpointError
+from agent.config import Config, ConfigError, load_config
+from agent.dqn import LearningAgent, TrainingDivergedError
+from agent.metrics import InMemorySink, MetricsSink, TensorBoardSink
+from agent.network import LearningNetwork, NetworkArchitecture
+from agent.replay import ExperienceBuffer, Transitions
+from agent.training import TrainingManager
+
+__all__ = [
+    "CheckpointError",
+    "Config",
+    "ConfigError",
+    "ExperienceBuffer",
+    "InMemorySink",
+    "LearningAgent",
+    "LearningNetwork",
+    "MetricsSink",
+    "NetworkArchitecture",
+    "TensorBoardSink",
+    "TrainingDivergedError",
+    "TrainingManager",
+    "Transitions",
+    "load_config",
+]

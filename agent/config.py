@@ -1,0 +1,359 @@
+"""Typed, frozen configuration: the only reader of ``params.yaml``.
+
+Every default lives in ``params.yaml``; the models below declare types and bounds but no values,
+so there is exactly one place to change a default. Layers are applied in order:
+
+1. the project's ``params.yaml`` (``$LAGENT_PARAMS`` points elsewhere),
+2. any number of params.yaml-shaped files (partial files are fine: they override what they name),
+3. ``section.key=value`` overrides (the CLI's ``--set``; values are parsed as YAML),
+4. keyword arguments of the Python API (applied by the caller with :func:`with_overrides`).
+
+Unknown keys and wrong types are errors that name the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PARAMS_PATH = PROJECT_ROOT / "params.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is unreadable, unknown or ill-typed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, use_attribute_docstrings=True, validate_default=True
+    )
+
+
+class RunConfig(_Section):
+    seed: int = Field(ge=0)
+    """Seeds torch, numpy, the replay sampler and the environments: one seed, one run (on CPU)."""
+    device: str
+    """'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
+    torch_threads: int = Field(ge=0)
+    """Intra-op threads; 1 is fastest for small MLPs on shared cores, 0 leaves torch's default."""
+
+
+class NetworkConfig(_Section):
+    hidden_size: int = Field(ge=1)
+    """Units per hidden layer (the spec's default is 256)."""
+    num_hidden_layers: int = Field(ge=1, le=16)
+    """How many hidden layers of ``hidden_size`` units."""
+    activation: Literal["relu", "tanh", "elu", "leaky_relu", "gelu", "silu"]
+    """Activation after each hidden layer."""
+    dropout: float = Field(ge=0.0, lt=1.0)
+    """Dropout after each hidden activation (0 disables it)."""
+    dueling: bool
+    """Split the head into state-value and advantage streams (Wang et al. 2016)."""
+
+
+class ReplayConfig(_Section):
+    local_buffer_size: int = Field(ge=1)
+    """Capacity of the local circular buffer, in transitions."""
+    memory_batch_size: int = Field(ge=0)
+    """Transitions fetched from the Memory service per learning step (0: local replay only)."""
+    similar_batch_size: int = Field(ge=0)
+    """Similar past experiences (from the Memory service) added to each learning batch."""
+
+
+class TrainConfig(_Section):
+    task: str
+    """A task type (navigation, exploration, multi_agent, manipulation) or a Gymnasium env id."""
+    learning_rate: float = Field(gt=0.0)
+    """Adam step size."""
+    gamma: float = Field(ge=0.0, le=1.0)
+    """Discount factor."""
+    batch_size: int = Field(ge=1)
+    """Transitions sampled from the local buffer per gradient step."""
+    double_dqn: bool
+    """Pick the next action with the online network, value it with the target network."""
+    loss: Literal["huber", "mse"]
+    """TD-error loss; Huber is the robust default."""
+    max_grad_norm: float | None = Field(gt=0.0)
+    """Clip the global gradient norm to this value (null disables clipping)."""
+    target_update: Literal["hard", "soft"]
+    """Copy the weights every ``target_update_interval`` updates, or Polyak-average every update."""
+    target_update_interval: int = Field(ge=1)
+    """Gradient updates between hard target-network copies."""
+    tau: float = Field(gt=0.0, le=1.0)
+    """Polyak coefficient for soft target updates."""
+    learning_starts: int = Field(ge=0)
+    """Environment steps collected before the first gradient update (warm-up)."""
+    train_freq: int = Field(ge=1)
+    """Vector-environment steps between training calls."""
+    gradient_steps: int = Field(ge=1)
+    """Gradient updates per training call."""
+    num_envs: int = Field(ge=1)
+    """Copies of the environment stepped together; one forward pass chooses all their actions."""
+    exploration: Literal["exponential", "linear"]
+    """'exponential': epsilon *= decay per finished episode (the spec); 'linear': per env step."""
+    epsilon_start: float = Field(ge=0.0, le=1.0)
+    """Initial exploration rate."""
+    epsilon_end: float = Field(ge=0.0, le=1.0)
+    """Final exploration rate."""
+    epsilon_decay: float = Field(gt=0.0, le=1.0)
+    """Per-episode multiplicative decay ('exponential' schedule)."""
+    exploration_fraction: float = Field(gt=0.0, le=1.0)
+    """Fraction of the step budget over which epsilon falls linearly ('linear' schedule)."""
+    max_episodes: int | None = Field(ge=1)
+    """Episode budget (null: no episode budget)."""
+    max_steps_per_episode: int = Field(ge=1)
+    """Episodes are truncated after this many steps (or the env's own limit, if lower)."""
+    total_timesteps: int | None = Field(ge=1)
+    """Environment-step budget (null: no step budget). Training stops at the first budget reached."""
+    checkpoint_frequency: int = Field(ge=1)
+    """Episodes between periodic checkpoints (when the trainer has a run directory)."""
+    save_buffer: bool
+    """Include the replay buffer in checkpoints, so that a resumed run continues exactly."""
+    log_interval: int = Field(ge=1)
+    """Environment steps between aggregated metric writes."""
+    eval_frequency: int = Field(ge=0)
+    """Environment steps between greedy evaluations during training (0: none)."""
+    eval_episodes: int = Field(ge=1)
+    """Episodes per evaluation during training."""
+    final_model: Literal["last", "best"]
+    """The weights a run ends with: the last ones, or those of the best evaluation during training."""
+
+
+class EvaluateConfig(_Section):
+    episodes: int = Field(ge=1)
+    """Greedy evaluation episodes."""
+    num_envs: int = Field(ge=1)
+    """Environment copies used to run them."""
+    seed_offset: int = Field(ge=0)
+    """Evaluation environments are seeded with run.seed + seed_offset, apart from training."""
+
+
+class MemoryConfig(_Section):
+    enabled: bool
+    """Use the Memory service (store, replay, similar-state search) during training."""
+    base_url: str
+    """Where the Memory service listens."""
+    timeout: float = Field(gt=0.0)
+    """Seconds a request may take in total."""
+    connect_timeout: float = Field(gt=0.0)
+    """Seconds to wait for a connection: short, so that a down service costs almost nothing."""
+    collection: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    """Collection that keeps this run's transitions apart from other tasks and agents."""
+
+
+class Config(_Section):
+    """The whole configuration, one field per ``params.yaml`` section."""
+
+    run: RunConfig
+    network: NetworkConfig
+    replay: ReplayConfig
+    train: TrainConfig
+    evaluate: EvaluateConfig
+    memory: MemoryConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# Sections other modules own (tasks, meta-learning, pipeline) are registered here so that one
+# params.yaml validates as a whole; see :func:`register_section`.
+_EXTRA_SECTIONS: dict[str, type[BaseModel]] = {}
+
+
+def register_section(name: str, model: type[BaseModel]) -> None:
+    """Let another module own a params.yaml section (validated with ``model``)."""
+    _EXTRA_SECTIONS[name] = model
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read params file {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _known_keys(data: Mapping[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        keys.append(dotted)
+        if isinstance(value, Mapping):
+            keys.extend(_known_keys(value, dotted + "."))
+    return keys
+
+
+def _check_keys(update: Mapping[str, Any], known: Mapping[str, Any], source: str, prefix="") -> None:
+    """Reject keys the defaults do not have, suggesting the closest known one."""
+    for key, value in update.items():
+        dotted = f"{prefix}{key}"
+        if key not in known:
+            candidates = _known_keys(known, prefix)
+            close = difflib.get_close_matches(dotted, candidates, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{source}: unknown key '{dotted}'{hint}")
+        if isinstance(value, Mapping) and isinstance(known[key], Mapping):
+            _check_keys(value, known[key], source, dotted + ".")
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """Turn ``section.key=value`` into a nested dict; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    dotted, raw = text.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"override '{text}' must name a section and a key, like train.gamma=0.9")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    nested: dict[str, Any] = {parts[-1]: value}
+    for part in reversed(parts[:-1]):
+        nested = {part: nested}
+    return nested
+
+
+def default_params_path() -> Path:
+    env = os.environ.get("LAGENT_PARAMS")
+    return Path(env) if env else DEFAULT_PARAMS_PATH
+
+
+def load_raw(
+    params_files: Iterable[str | Path] = (),
+    overrides: Iterable[str | Mapping[str, Any]] = (),
+) -> dict[str, Any]:
+    """Merge the layers into one plain dict, checking every key against the defaults."""
+    base_path = default_params_path()
+    if not base_path.is_file():
+        raise ConfigError(
+            f"default params file {base_path} not found: run from a checkout of the project "
+            "or set LAGENT_PARAMS"
+        )
+    data = _read_yaml(base_path)
+    for file in params_files:
+        layer = _read_yaml(Path(file))
+        _check_keys(layer, data, str(file))
+        data = _deep_merge(data, layer)
+    for override in overrides:
+        layer = parse_override(override) if isinstance(override, str) else dict(override)
+        source = f"override '{override}'" if isinstance(override, str) else "keyword arguments"
+        _check_keys(layer, data, source)
+        data = _deep_merge(data, layer)
+    return data
+
+
+def collect_overrides(
+    params_files: Iterable[str | Path] = (), overrides: Iterable[str] = ()
+) -> dict[str, Any]:
+    """Just the keys named by files and ``--set`` overrides (no defaults), checked against them.
+
+    Used to change a few settings of a saved run without resetting the rest to the defaults.
+    """
+    known = load_raw()
+    named: dict[str, Any] = {}
+    for file in params_files:
+        layer = _read_yaml(Path(file))
+        _check_keys(layer, known, str(file))
+        named = _deep_merge(named, layer)
+    for text in overrides:
+        layer = parse_override(text)
+        _check_keys(layer, known, f"override '{text}'")
+        named = _deep_merge(named, layer)
+    return named
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{source}: {where}: {first['msg']} (got {first.get('input')!r}){more}"
+
+
+def load_config(
+    params_files: Iterable[str | Path] | str | Path | None = None,
+    overrides: Iterable[str | Mapping[str, Any]] = (),
+) -> Config:
+    """Load and validate the configuration; see the module docstring for the layers."""
+    if isinstance(params_files, (str, Path)):
+        params_files = [params_files]
+    data = load_raw(params_files or (), overrides)
+    core = {name: data[name] for name in Config.model_fields if name in data}
+    try:
+        config = Config.model_validate(core)
+        for name, model in _EXTRA_SECTIONS.items():
+            if name in data:
+                model.model_validate(data[name])
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, "configuration")) from None
+    return config
+
+
+def load_section(name: str, model: type[BaseModel], data: Mapping[str, Any]) -> BaseModel:
+    """Validate one registered section of a raw params dict."""
+    try:
+        return model.model_validate(data[name])
+    except KeyError:
+        raise ConfigError(f"params have no '{name}' section") from None
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, f"section '{name}'")) from None
+
+
+def with_overrides(config: Config, **sections: Mapping[str, Any] | None) -> Config:
+    """Return a copy of ``config`` with some keys of some sections replaced (validated)."""
+    data = config.to_dict()
+    update = {name: dict(values) for name, values in sections.items() if values}
+    _check_keys(update, data, "keyword arguments")
+    try:
+        return Config.model_validate(_deep_merge(data, update))
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, "keyword arguments")) from None
+
+
+def config_from_dict(data: Mapping[str, Any], source: str = "checkpoint") -> Config:
+    """Rebuild a Config saved with a run, filling keys added since from the defaults."""
+    base = load_raw()
+    _check_keys(data, base, source)
+    merged = _deep_merge(base, data)
+    core = {name: merged[name] for name in Config.model_fields}
+    try:
+        return Config.model_validate(core)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def resolve_device(name: str):
+    """'auto' picks CUDA when it is present; nothing else assumes a GPU."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device '{name}' requested but CUDA is not available on this machine")
+    return device

@@ -1,0 +1,372 @@
+"""LearningAgent: a Deep Q-Network that replays from its own buffer and from the Memory service.
+
+The update is CleanRL's DQN with the usual stabilisers: a target network (hard copy or Polyak),
+Double-DQN targets, Huber loss and gradient clipping. Learning from the Memory service adds a
+second batch whose loss is computed and reported separately ("memory loss") and, optionally,
+the nearest stored neighbours of recent states ("knowledge transfer").
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from agent.config import Config, load_config, resolve_device, with_overrides
+from agent.network import LearningNetwork, NetworkArchitecture, NumpyPolicy
+from agent.optim import FastAdam
+from agent.replay import ExperienceBuffer, Transitions
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDivergedError(RuntimeError):
+    """The TD loss became NaN or infinite: the configuration diverges."""
+
+
+def _transitions_from_numpy(batch: Any, device: torch.device) -> Transitions:
+    """Tensors from a Memory-service batch (numpy arrays with the same field names)."""
+    return Transitions(
+        obs=torch.as_tensor(batch.obs, dtype=torch.float32, device=device),
+        actions=torch.as_tensor(batch.actions, dtype=torch.int64, device=device),
+        rewards=torch.as_tensor(batch.rewards, dtype=torch.float32, device=device),
+        next_obs=torch.as_tensor(batch.next_obs, dtype=torch.float32, device=device),
+        dones=torch.as_tensor(batch.dones, dtype=torch.float32, device=device),
+    )
+
+
+class LearningAgent:
+    """Chooses actions epsilon-greedily and learns Q-values from replayed experience.
+
+    Every default comes from ``params.yaml``; the keyword arguments override it. ``config`` is a
+    complete :class:`~agent.config.Config` (for example restored from a checkpoint).
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        hidden_size: int | None = None,
+        learning_rate: float | None = None,
+        gamma: float | None = None,
+        local_buffer_size: int | None = None,
+        batch_size: int | None = None,
+        device: str | None = None,
+        seed: int | None = None,
+        *,
+        config: Config | None = None,
+        architecture: NetworkArchitecture | None = None,
+        train_overrides: Mapping[str, Any] | None = None,
+    ) -> None:
+        base = config if config is not None else load_config()
+        self.config = with_overrides(
+            base,
+            run={k: v for k, v in {"device": device, "seed": seed}.items() if v is not None},
+            network={"hidden_size": hidden_size} if hidden_size is not None else None,
+            replay={"local_buffer_size": local_buffer_size} if local_buffer_size is not None else None,
+            train={
+                **{
+                    k: v
+                    for k, v in {
+                        "learning_rate": learning_rate,
+                        "gamma": gamma,
+                        "batch_size": batch_size,
+                    }.items()
+                    if v is not None
+                },
+                **(train_overrides or {}),
+            },
+        )
+        cfg = self.config
+        if cfg.run.torch_threads > 0:
+            torch.set_num_threads(cfg.run.torch_threads)
+        self.device = resolve_device(cfg.run.device)
+        self.input_size, self.output_size = int(input_size), int(output_size)
+        self.architecture = architecture or NetworkArchitecture(
+            input_dim=self.input_size,
+            output_dim=self.output_size,
+            hidden_layers=(cfg.network.hidden_size,) * cfg.network.num_hidden_layers,
+            activation=cfg.network.activation,
+            dropout=cfg.network.dropout,
+            dueling=cfg.network.dueling,
+        )
+        if (self.architecture.input_dim, self.architecture.output_dim) != (self.input_size, self.output_size):
+            raise ValueError(
+                f"architecture is {self.architecture.input_dim}->{self.architecture.output_dim}, "
+                f"agent is {self.input_size}->{self.output_size}"
+            )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.run.seed)
+            self.q_network = LearningNetwork.from_architecture(self.architecture).to(self.device)
+        self.target_network = LearningNetwork.from_architecture(self.architecture).to(self.device)
+        self.target_network.load_state_dict(self.q_network.state_dict())
+        self.target_network.requires_grad_(False)
+        self.q_network.eval()
+        self.target_network.eval()
+        self._uses_dropout = self.architecture.dropout > 0
+        self.optimizer = FastAdam(self.q_network.parameters(), lr=cfg.train.learning_rate)
+        self.buffer = ExperienceBuffer(
+            cfg.replay.local_buffer_size, self.input_size, self.device, seed=cfg.run.seed
+        )
+        self.rng = np.random.default_rng(cfg.run.seed)
+        self.training_steps = 0
+        self._params = list(self.q_network.parameters())
+        self._target_params = list(self.target_network.parameters())
+        self.last_similar_count = 0
+        self._zero = torch.zeros((), device=self.device)
+        self._numpy_policy = (
+            NumpyPolicy(self.q_network) if NumpyPolicy.supports(self.q_network) else None
+        )
+
+    # ------------------------------------------------------------------ acting
+
+    @property
+    def gamma(self) -> float:
+        return self.config.train.gamma
+
+    @property
+    def learning_rate(self) -> float:
+        return self.optimizer.lr
+
+    def set_learning_rate(self, value: float) -> None:
+        self.optimizer.set_lr(value)
+
+    def q_values(self, states: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Q-values for a batch of states (no gradient)."""
+        obs = torch.as_tensor(states, dtype=torch.float32, device=self.device)
+        with torch.inference_mode():
+            return self.q_network(obs)
+
+    def greedy_actions(self, states: np.ndarray) -> np.ndarray:
+        """argmax_a Q(s, a) for a batch of states, by the cheapest route available."""
+        states = np.asarray(states, dtype=np.float32)
+        if self._numpy_policy is not None:
+            return self._numpy_policy(states).argmax(axis=1)
+        return self.q_values(states).argmax(dim=1).cpu().numpy()
+
+    def act(self, states: np.ndarray, epsilon: float = 0.0) -> np.ndarray:
+        """Epsilon-greedy actions for a batch of states: one forward pass for all of them."""
+        n = len(states)
+        explore = self.rng.random(n) < epsilon
+        n_explore = int(np.count_nonzero(explore))
+        if n_explore == n:
+            return self.rng.integers(0, self.output_size, size=n)
+        actions = self.greedy_actions(states).astype(np.int64, copy=False)
+        if n_explore:
+            actions[explore] = self.rng.integers(0, self.output_size, size=n_explore)
+        return actions
+
+    def select_action(self, state: np.ndarray, epsilon: float = 0.0) -> int:
+        """The spec's single-state form of :meth:`act`."""
+        return int(self.act(np.asarray(state, dtype=np.float32)[None, :], epsilon)[0])
+
+    # ------------------------------------------------------------------ experience
+
+    async def store_experience(
+        self,
+        state: Any,
+        action: Any,
+        reward: Any,
+        next_state: Any,
+        done: Any,
+        memory_client: Any = None,
+    ) -> None:
+        """Store one transition or a batch in the local buffer and, if given, the Memory service.
+
+        ``done`` means the episode really ended (terminated), not that a time limit cut it:
+        the target bootstraps through truncations.
+        """
+        self.buffer.add(state, action, reward, next_state, done)
+        if memory_client is not None:
+            obs = np.asarray(state, dtype=np.float32)
+            batched = obs.ndim == 2
+            await memory_client.store_transitions(
+                obs if batched else obs[None],
+                np.atleast_1d(np.asarray(action, dtype=np.int64)),
+                np.atleast_1d(np.asarray(reward, dtype=np.float32)),
+                np.asarray(next_state, dtype=np.float32).reshape(obs.reshape(-1, self.input_size).shape),
+                np.atleast_1d(np.asarray(done, dtype=np.float32)),
+            )
+
+    async def get_similar_experiences(
+        self, state: Any, memory_client: Any, k: int = 5
+    ) -> Any:
+        """The k stored experiences nearest to ``state`` (None when the service is unavailable)."""
+        if memory_client is None:
+            return None
+        return await memory_client.search_similar(np.asarray(state, dtype=np.float32), k=k)
+
+    # ------------------------------------------------------------------ learning
+
+    def _per_sample_loss(self, batch: Transitions, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+        q_all = self.q_network(batch.obs)
+        q_taken = q_all.gather(1, batch.actions.unsqueeze(1)).squeeze(1)
+        with torch.no_grad():
+            next_target = self.target_network(batch.next_obs)
+            if self.config.train.double_dqn:
+                best = self.q_network(batch.next_obs).argmax(dim=1, keepdim=True)
+                next_value = next_target.gather(1, best).squeeze(1)
+            else:
+                next_value = next_target.max(dim=1).values
+            target = torch.addcmul(batch.rewards, 1.0 - batch.dones, next_value, value=gamma)
+        if self.config.train.loss == "huber":
+            loss = F.smooth_l1_loss(q_taken, target, reduction="none")
+        else:
+            loss = F.mse_loss(q_taken, target, reduction="none")
+        return loss, q_taken
+
+    def _gradient_step(
+        self,
+        local: Transitions,
+        extra: Transitions | None,
+        extra_weights: torch.Tensor | None,
+        gamma: float,
+    ) -> tuple[torch.Tensor, ...]:
+        """One update on the local batch plus an optional memory batch; returns detached stats."""
+        if extra is None:
+            per_sample, q_taken = self._per_sample_loss(local, gamma)
+            local_loss = per_sample.mean()
+            memory_loss = self._zero
+            total = local_loss
+        else:
+            # One forward pass over both batches, two losses reported apart.
+            joined = Transitions(*(torch.cat([a, b]) for a, b in zip(local, extra)))
+            per_sample, q_taken = self._per_sample_loss(joined, gamma)
+            n_local = local.obs.shape[0]
+            local_loss = per_sample[:n_local].mean()
+            memory_part = per_sample[n_local:]
+            memory_loss = (memory_part * extra_weights).mean() if extra_weights is not None else memory_part.mean()
+            total = local_loss + memory_loss
+        grad_norm = self.optimizer.step(total, self.config.train.max_grad_norm)
+        self.training_steps += 1
+        self._maybe_update_target()
+        return total.detach(), local_loss.detach(), memory_loss.detach(), q_taken.detach().mean(), grad_norm
+
+    def _maybe_update_target(self) -> None:
+        train = self.config.train
+        if train.target_update == "soft":
+            torch._foreach_lerp_(self._target_params, self._params, train.tau)
+        elif self.training_steps % train.target_update_interval == 0:
+            self.update_target_network()
+
+    def update_target_network(self) -> None:
+        """Copy the online weights into the target network."""
+        with torch.no_grad():
+            torch._foreach_copy_(self._target_params, self._params)
+
+    async def _memory_batch(
+        self, memory_client: Any
+    ) -> tuple[Transitions | None, torch.Tensor | None, Any]:
+        size = self.config.replay.memory_batch_size
+        if memory_client is None or size == 0:
+            return None, None, None
+        batch = await memory_client.get_replay_batch(size)
+        if batch is None or len(batch.ids) == 0:
+            return None, None, None
+        weights = torch.as_tensor(batch.weights, dtype=torch.float32, device=self.device)
+        return _transitions_from_numpy(batch, self.device), weights, batch
+
+    async def _similar_batch(self, memory_client: Any, local: Transitions) -> Transitions | None:
+        """Stored neighbours of the batch's states: past experience that bears on the present."""
+        size = self.config.replay.similar_batch_size
+        if memory_client is None or size == 0:
+            return None
+        k = min(size, 5)
+        queries = local.obs[: -(-size // k)].cpu().numpy()
+        found = await memory_client.search_similar(queries, k=k)
+        if found is None or len(found.batch.ids) == 0:
+            return None
+        self.last_similar_count = min(size, len(found.batch.ids))
+        return Transitions(*(t[:size] for t in _transitions_from_numpy(found.batch, self.device)))
+
+    async def learn_from_experiences(
+        self,
+        memory_client: Any = None,
+        gamma: float | None = None,
+        local_batch_size: int | None = None,
+        gradient_steps: int = 1,
+    ) -> dict[str, float] | None:
+        """Run ``gradient_steps`` updates; returns averaged losses, or None if the buffer is too small.
+
+        Local batches for all steps are sampled at once; memory batches come from the Memory
+        service one per step (``memory_client=None`` means local replay only).
+        """
+        batch_size = local_batch_size or self.config.train.batch_size
+        if len(self.buffer) < batch_size:
+            return None
+        gamma = self.config.train.gamma if gamma is None else float(gamma)
+        local = self.buffer.sample(batch_size, num_batches=gradient_steps)
+        records: list[torch.Tensor] = []
+        memory_steps = 0
+        if self._uses_dropout:
+            self.q_network.train()
+        try:
+            for step in range(gradient_steps):
+                batch = Transitions(*(t[step] for t in local))
+                extra, weights, raw = await self._memory_batch(memory_client)
+                similar = await self._similar_batch(memory_client, batch)
+                if similar is not None:
+                    ones = torch.ones(similar.obs.shape[0], device=self.device)
+                    if extra is None:
+                        extra, weights = similar, ones
+                    else:
+                        extra = Transitions(*(torch.cat([a, b]) for a, b in zip(extra, similar)))
+                        weights = torch.cat([weights, ones])
+                memory_steps += extra is not None
+                stats = self._gradient_step(batch, extra, weights, gamma)
+                records.extend(stats)
+                if raw is not None and getattr(raw, "prioritized", False):
+                    await self._update_priorities(memory_client, extra, raw, gamma)
+        finally:
+            if self._uses_dropout:
+                self.q_network.eval()
+        means = torch.stack(records).view(gradient_steps, -1).mean(dim=0)
+        total, local_loss, memory_loss, q_mean, grad_norm = means.tolist()
+        if not np.isfinite(total):
+            raise TrainingDivergedError(
+                f"TD loss became {total} at update {self.training_steps}: lower the learning rate "
+                "or enable gradient clipping"
+            )
+        return {
+            "loss": total,
+            "loss_local": local_loss,
+            "loss_memory": memory_loss * gradient_steps / max(memory_steps, 1),
+            "q_mean": q_mean,
+            "grad_norm": grad_norm,
+            "memory_batches": float(memory_steps),
+        }
+
+    async def _update_priorities(self, memory_client: Any, batch: Transitions, raw: Any, gamma: float) -> None:
+        with torch.no_grad():
+            per_sample, _ = self._per_sample_loss(batch, gamma)
+        n = len(raw.ids)
+        await memory_client.update_priorities(raw.ids, per_sample[:n].cpu().numpy() + 1e-6)
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self, include_buffer: bool = True) -> dict[str, Any]:
+        return {
+            "architecture": self.architecture.to_dict(),
+            "q_network": self.q_network.state_dict(),
+            "target_network": self.target_network.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "training_steps": self.training_steps,
+            "rng": self.rng.bit_generator.state,
+            "buffer": self.buffer.state_dict(include_data=include_buffer),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        arch = NetworkArchitecture.from_dict(state["architecture"])
+        if arch != self.architecture:
+            raise ValueError(f"checkpoint network {arch} does not match this agent's {self.architecture}")
+        self.q_network.load_state_dict(state["q_network"])
+        self.target_network.load_state_dict(state["target_network"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.training_steps = int(state["training_steps"])
+        self.rng.bit_generator.state = state["rng"]
+        if "buffer" in state:
+            self.buffer.load_state_dict(state["buffer"])

@@ -1,0 +1,199 @@
+"""The Q-network: an MLP whose shape is described by a ``NetworkArchitecture``.
+
+Architecture search (``agent.meta``) produces ``NetworkArchitecture`` values; keeping the shape in a
+plain dataclass means a searched network can be rebuilt from a checkpoint without pickling code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "elu": nn.ELU,
+    "leaky_relu": nn.LeakyReLU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+}
+
+
+_FUNCTIONAL_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": F.relu,
+    "tanh": torch.tanh,
+    "elu": F.elu,
+    "leaky_relu": F.leaky_relu,
+    "gelu": F.gelu,
+    "silu": F.silu,
+}
+
+
+@dataclass(frozen=True)
+class NetworkArchitecture:
+    """The shape of a LearningNetwork: what architecture search varies."""
+
+    input_dim: int
+    output_dim: int
+    hidden_layers: tuple[int, ...] = (256, 256)
+    activation: str = "relu"
+    dropout: float = 0.0
+    dueling: bool = False
+
+    def __post_init__(self) -> None:
+        if self.input_dim < 1 or self.output_dim < 1:
+            raise ValueError(f"input_dim and output_dim must be >= 1, got {self.input_dim}, {self.output_dim}")
+        object.__setattr__(self, "hidden_layers", tuple(int(h) for h in self.hidden_layers))
+        if not self.hidden_layers or any(h < 1 for h in self.hidden_layers):
+            raise ValueError(f"hidden_layers must be a non-empty list of positive sizes, got {self.hidden_layers}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got '{self.activation}'")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["hidden_layers"] = list(self.hidden_layers)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NetworkArchitecture:
+        return cls(**{**data, "hidden_layers": tuple(data["hidden_layers"])})
+
+
+class LearningNetwork(nn.Module):
+    """Maps a state to one Q-value per discrete action.
+
+    ``LearningNetwork(input_size, output_size)`` is the spec's form (hidden layers of 256 units,
+    ReLU); ``LearningNetwork.from_architecture(arch)`` builds any searched shape.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        hidden_size: int = 256,
+        num_hidden_layers: int = 2,
+        activation: str = "relu",
+        dropout: float = 0.0,
+        dueling: bool = False,
+        hidden_layers: tuple[int, ...] | list[int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.architecture = NetworkArchitecture(
+            input_dim=input_size,
+            output_dim=output_size,
+            hidden_layers=tuple(hidden_layers or (hidden_size,) * num_hidden_layers),
+            activation=activation,
+            dropout=dropout,
+            dueling=dueling,
+        )
+        arch = self.architecture
+        layers: list[nn.Module] = []
+        width = arch.input_dim
+        for units in arch.hidden_layers:
+            layers += [nn.Linear(width, units), ACTIVATIONS[arch.activation]()]
+            if arch.dropout > 0:
+                layers.append(nn.Dropout(arch.dropout))
+            width = units
+        self.body = nn.Sequential(*layers)
+        if arch.dueling:
+            self.value_head = nn.Linear(width, 1)
+            self.advantage_head = nn.Linear(width, arch.output_dim)
+        else:
+            self.head = nn.Linear(width, arch.output_dim)
+        # forward() calls the layers' functions directly: for a small MLP, nn.Module's call
+        # machinery (hooks, nesting) costs as much as the arithmetic.
+        self._hidden = [m for m in self.body if isinstance(m, nn.Linear)]
+        self._activation = _FUNCTIONAL_ACTIVATIONS[arch.activation]
+
+    @classmethod
+    def from_architecture(cls, arch: NetworkArchitecture) -> LearningNetwork:
+        return cls(
+            arch.input_dim,
+            arch.output_dim,
+            activation=arch.activation,
+            dropout=arch.dropout,
+            dueling=arch.dueling,
+            hidden_layers=arch.hidden_layers,
+        )
+
+    @property
+    def input_size(self) -> int:
+        return self.architecture.input_dim
+
+    @property
+    def output_size(self) -> int:
+        return self.architecture.output_dim
+
+    def features(self, state: torch.Tensor) -> torch.Tensor:
+        """The penultimate layer: an optional learned embedding for similar-state search."""
+        x = state
+        dropout = self.architecture.dropout
+        for linear in self._hidden:
+            x = self._activation(F.linear(x, linear.weight, linear.bias))
+            if dropout > 0:
+                x = F.dropout(x, dropout, self.training)
+        return x
+
+    def forward(self, state: torch.Tensor) -> torch.Tensor:
+        hidden = self.features(state)
+        if self.architecture.dueling:
+            advantage = self.advantage_head(hidden)
+            return self.value_head(hidden) + advantage - advantage.mean(dim=-1, keepdim=True)
+        return self.head(hidden)
+
+
+_NUMPY_ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "relu": lambda x: np.maximum(x, 0.0, out=x),
+    "tanh": lambda x: np.tanh(x, out=x),
+    "leaky_relu": lambda x: np.where(x > 0, x, 0.01 * x),
+    "elu": lambda x: np.where(x > 0, x, np.expm1(np.minimum(x, 0.0))),
+    "silu": lambda x: x / (1.0 + np.exp(-x)),
+}
+
+
+class NumpyPolicy:
+    """The network's forward pass in numpy, on views of its live CPU weights.
+
+    Acting picks actions for a handful of states at every environment step; at that size torch's
+    per-operator dispatch costs more than the arithmetic, and numpy is about 3x cheaper. The arrays
+    share memory with the parameters, which are only ever updated in place (the optimizer, target
+    copies and ``load_state_dict`` all write into the existing tensors), so they never go stale.
+    Dropout is inactive when acting, so it is skipped.
+    """
+
+    def __init__(self, network: LearningNetwork) -> None:
+        arch = network.architecture
+        if arch.activation not in _NUMPY_ACTIVATIONS:
+            raise ValueError(f"no numpy form for activation '{arch.activation}'")
+        self._activation = _NUMPY_ACTIVATIONS[arch.activation]
+        linears = [m for m in network.body if isinstance(m, nn.Linear)]
+        self._hidden = [(m.weight.detach().numpy().T, m.bias.detach().numpy()) for m in linears]
+        heads = (
+            [network.value_head, network.advantage_head] if arch.dueling else [network.head]
+        )
+        self._heads = [(m.weight.detach().numpy().T, m.bias.detach().numpy()) for m in heads]
+        self._dueling = arch.dueling
+
+    @staticmethod
+    def supports(network: LearningNetwork) -> bool:
+        on_cpu = all(p.device.type == "cpu" for p in network.parameters())
+        return on_cpu and network.architecture.activation in _NUMPY_ACTIVATIONS
+
+    def __call__(self, states: np.ndarray) -> np.ndarray:
+        x = states
+        for weight, bias in self._hidden:
+            x = self._activation(x @ weight + bias)
+        if self._dueling:
+            (wv, bv), (wa, ba) = self._heads
+            advantage = x @ wa + ba
+            return (x @ wv + bv) + advantage - advantage.mean(axis=-1, keepdims=True)
+        weight, bias = self._heads[0]
+        return x @ weight + bias

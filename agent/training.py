@@ -1,0 +1,572 @@
+"""TrainingManager: runs the agent in N environment copies, learns, evaluates, checkpoints.
+
+The loop follows the spec (select epsilon-greedy actions, step, store, learn, update metrics,
+decay exploration, checkpoint) over a *vector* environment, so one forward pass picks the actions
+of every copy. A checkpoint holds everything the next step depends on (weights, optimizer,
+buffer, counters, epsilon, the environments' state and every RNG), so a resumed run continues
+exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+import yaml
+
+from agent.checkpoint import CheckpointError, load_checkpoint_file, save_checkpoint_file
+from agent.config import Config, config_from_dict, with_overrides
+from agent.dqn import LearningAgent
+from agent.network import NetworkArchitecture
+from agent.metrics import MetricsSink, MultiSink, NullSink, TensorBoardSink
+from agent.tasks import (
+    autoreset_mode,
+    capture_env_state,
+    make_vector_env,
+    restore_env_state,
+    task_name,
+)
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[Mapping[str, float]], None]
+_RECENT = 100  # episodes in the rolling reward mean
+
+
+class TrainingManager:
+    """Orchestrates the interaction between a LearningAgent and its environments.
+
+    ``task_type`` is a task type or any registered Gymnasium env id (default: ``train.task``).
+    ``training_config`` overrides keys of the ``train`` section (the spec's ``max_episodes``,
+    ``max_steps_per_episode``, ``epsilon_start/end/decay``, ``checkpoint_frequency``, ...).
+    With a ``run_dir`` the trainer writes checkpoints, TensorBoard events and an episode log.
+    """
+
+    def __init__(
+        self,
+        learning_agent: LearningAgent,
+        memory_client: Any = None,
+        task_type: Any = None,
+        training_config: Mapping[str, Any] | None = None,
+        reward_config: Any = None,
+        *,
+        run_dir: str | Path | None = None,
+        metrics_sink: MetricsSink | None = None,
+        task_params: Any = None,
+        tensorboard: bool = True,
+    ) -> None:
+        self.agent = learning_agent
+        self.memory_client = memory_client
+        overrides = dict(training_config or {})
+        if task_type is not None:
+            overrides["task"] = task_name(task_type)
+        self.config: Config = with_overrides(learning_agent.config, train=overrides)
+        self.agent.config = self.config  # the agent reads gamma, targets, clipping from it
+        self.agent.set_learning_rate(self.config.train.learning_rate)
+        self.task = self.config.train.task
+        self.reward_config = reward_config
+        self.task_params = task_params
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+
+        sinks: list[MetricsSink] = [metrics_sink] if metrics_sink is not None else []
+        if self.run_dir is not None and tensorboard:
+            sinks.append(TensorBoardSink(self.run_dir / "tb"))
+        self.metrics: MetricsSink = MultiSink(sinks) if sinks else NullSink()
+
+        self.envs = self._make_envs(self.config.train.num_envs)
+        self._check_dimensions(self.envs)
+        self._mode = autoreset_mode(self.envs)
+
+        # Run state: everything below goes into checkpoints.
+        self.global_step = 0
+        self.episodes_done = 0
+        self.epsilon = self.config.train.epsilon_start
+        self.episode_rewards: list[float] = []
+        self.episode_lengths: list[int] = []
+        self.best_reward = -math.inf
+        self.best_recent_mean = -math.inf
+        self.invalid_actions = 0
+        self.clipped_actions = 0
+        self.actions_taken = 0
+        self._exploration_steps: int | None = None
+        self._steps_since_train = 0
+        self._obs: np.ndarray | None = None
+        self._ep_return = np.zeros(self.envs.num_envs, dtype=np.float64)
+        self._ep_length = np.zeros(self.envs.num_envs, dtype=np.int64)
+        self._pending_reset = np.zeros(self.envs.num_envs, dtype=bool)
+        self._stop_requested = False
+        self.last_evaluation: dict[str, Any] = {}
+        self.best_eval_reward = -math.inf
+        self.evaluations: list[tuple[int, float]] = []  # (global step, mean greedy reward)
+        self._best_weights: dict[str, torch.Tensor] | None = None
+        self._next_eval = self.config.train.eval_frequency
+        self._window: dict[str, list[float]] = {}
+        self._window_start = (time.perf_counter(), 0)
+
+    # ------------------------------------------------------------------ setup
+
+    def _make_envs(self, num_envs: int) -> gym.vector.VectorEnv:
+        return make_vector_env(
+            self.task,
+            num_envs,
+            max_episode_steps=self.config.train.max_steps_per_episode,
+            task_params=self.task_params,
+            reward_config=self.reward_config,
+        )
+
+    def _check_dimensions(self, envs: gym.vector.VectorEnv) -> None:
+        obs_dim = int(np.prod(envs.single_observation_space.shape))
+        n_actions = int(envs.single_action_space.n)
+        if (obs_dim, n_actions) != (self.agent.input_size, self.agent.output_size):
+            raise ValueError(
+                f"task '{self.task}' has {obs_dim} observation features and {n_actions} actions, "
+                f"the agent was built for {self.agent.input_size} and {self.agent.output_size}"
+            )
+
+    def request_stop(self) -> None:
+        """Ask the loop to stop at the next step boundary (signal handlers call this)."""
+        self._stop_requested = True
+
+    # ------------------------------------------------------------------ exploration
+
+    def _linear_epsilon(self) -> float:
+        train = self.config.train
+        fraction = min(1.0, self.global_step / max(1, self._exploration_steps or 1))
+        return train.epsilon_start + fraction * (train.epsilon_end - train.epsilon_start)
+
+    def _plan_exploration(self, total_timesteps: int | None, max_episodes: int | None) -> None:
+        """Fix the linear schedule's horizon once per run, so resuming keeps the same schedule."""
+        if self._exploration_steps is not None:
+            return
+        train = self.config.train
+        horizon = total_timesteps or (max_episodes or 1) * train.max_steps_per_episode
+        self._exploration_steps = max(1, int(train.exploration_fraction * horizon))
+
+    # ------------------------------------------------------------------ training loop
+
+    async def train(
+        self,
+        n_episodes: int | None = None,
+        total_timesteps: int | None = None,
+        *,
+        progress: ProgressCallback | None = None,
+    ) -> dict[str, Any]:
+        """Train until the episode or step budget is reached; returns a summary.
+
+        With neither argument the budgets come from the config (``train.max_episodes`` and
+        ``train.total_timesteps``, whichever is reached first); an argument replaces both.
+        Budgets count from the start of the run, so a resumed run finishes the same budget.
+        """
+        train = self.config.train
+        if n_episodes is None and total_timesteps is None:
+            max_episodes, max_steps = train.max_episodes, train.total_timesteps
+        else:
+            max_episodes, max_steps = n_episodes, total_timesteps
+        if max_episodes is None and max_steps is None:
+            raise ValueError("no training budget: set train.max_episodes or train.total_timesteps")
+        self._plan_exploration(max_steps, max_episodes)
+        if self._obs is None:
+            self._obs, _ = self.envs.reset(seed=self.config.run.seed)
+            torch.manual_seed(self.config.run.seed)  # dropout and anything else using torch's RNG
+
+        def budget_left() -> bool:
+            return (max_steps is None or self.global_step < max_steps) and (
+                max_episodes is None or self.episodes_done < max_episodes
+            )
+
+        self._stop_requested = False
+        self._window_start = (time.perf_counter(), self.global_step)
+        start_step, started = self.global_step, time.perf_counter()
+        yield_to_loop = self.memory_client is not None
+        while budget_left() and not self._stop_requested:
+            await self._step()
+            if self._steps_since_train >= train.train_freq and self.global_step >= train.learning_starts:
+                self._steps_since_train = 0
+                stats = await self.agent.learn_from_experiences(
+                    self.memory_client, gradient_steps=train.gradient_steps
+                )
+                if stats is not None:
+                    for key, value in stats.items():
+                        self._window.setdefault(key, []).append(value)
+            if self.global_step - self._window_start[1] >= train.log_interval:
+                self._log_window(progress, max_steps, max_episodes)
+            if train.eval_frequency and self.global_step >= self._next_eval:
+                await self._periodic_evaluation()
+            if yield_to_loop:
+                await asyncio.sleep(0)  # let the memory client's I/O make progress
+        self._log_window(progress, max_steps, max_episodes)
+        elapsed = time.perf_counter() - started
+        if self.run_dir is not None:
+            self.save_checkpoint(self.run_dir / "checkpoints" / "last.pt")
+            self.write_episode_log(self.run_dir / "episodes.csv")
+        if not self._stop_requested and train.final_model == "best":
+            # last.pt above keeps the run's own state, so resuming still continues exactly.
+            self.restore_best_weights()
+        return self.summary(elapsed=elapsed, steps=self.global_step - start_step)
+
+    async def _periodic_evaluation(self) -> None:
+        """Greedy evaluation on separate envs and RNGs: training goes on exactly as without it."""
+        train, evaluate = self.config.train, self.config.evaluate
+        self._next_eval = (self.global_step // train.eval_frequency + 1) * train.eval_frequency
+        seed = self.config.run.seed + evaluate.seed_offset + 1000
+        mean, std = await self.evaluate(num_episodes=train.eval_episodes, seed=seed)
+        self.evaluations.append((self.global_step, mean))
+        self.metrics.log_metrics({"eval/mean_reward": mean, "eval/std_reward": std}, self.global_step)
+        if mean >= self.best_eval_reward:  # ties go to the later, more trained weights
+            self.best_eval_reward = mean
+            self._best_weights = {k: v.detach().clone() for k, v in self.agent.q_network.state_dict().items()}
+            if self.run_dir is not None:
+                self.save_checkpoint(self.run_dir / "checkpoints" / "best_model.pt", include_run_state=False)
+
+    def restore_best_weights(self) -> bool:
+        """Load the weights of the best evaluation during training (False if there was none)."""
+        if self._best_weights is None:
+            return False
+        self.agent.q_network.load_state_dict(self._best_weights)
+        self.agent.update_target_network()
+        return True
+
+    async def _step(self) -> None:
+        """One vector step: act, step, store, account for finished episodes."""
+        obs = self._obs
+        assert obs is not None
+        if self.config.train.exploration == "linear":
+            self.epsilon = self._linear_epsilon()
+        actions = self.agent.act(obs, self.epsilon)
+        next_obs, rewards, terminated, truncated, info = self.envs.step(actions)
+        done = terminated | truncated
+
+        if self._mode == gym.vector.AutoresetMode.NEXT_STEP:
+            # Rows that just reset produced no transition: their action was ignored.
+            valid = ~self._pending_reset
+            self._pending_reset = done
+            real_next = next_obs
+        else:
+            valid = None
+            real_next = next_obs
+            if "_final_obs" in info and info["_final_obs"].any():
+                real_next = next_obs.copy()
+                mask = info["_final_obs"]
+                final = info["final_obs"]
+                real_next[mask] = np.stack(final[mask]) if final.dtype == object else final[mask]
+
+        if valid is None or valid.all():
+            await self.agent.store_experience(
+                obs, actions, rewards, real_next, terminated, memory_client=self.memory_client
+            )
+            n_valid = len(actions)
+            self._ep_return += rewards
+            self._ep_length += 1
+        else:
+            n_valid = int(valid.sum())
+            if n_valid:
+                await self.agent.store_experience(
+                    obs[valid], actions[valid], rewards[valid], real_next[valid], terminated[valid],
+                    memory_client=self.memory_client,
+                )
+            self._ep_return[valid] += rewards[valid]
+            self._ep_length[valid] += 1
+            done = done & valid
+        if n_valid:
+            self._steps_since_train += 1
+        self.global_step += n_valid
+        self.actions_taken += n_valid
+        if "action_invalid" in info:
+            self.invalid_actions += int(np.count_nonzero(info["action_invalid"]))
+            self.clipped_actions += int(np.count_nonzero(info["action_clipped"]))
+        if done.any():
+            self._finish_episodes(np.flatnonzero(done), info)
+        self._obs = next_obs
+
+    def _finish_episodes(self, rows: np.ndarray, info: Mapping[str, Any]) -> None:
+        train = self.config.train
+        for row in rows:
+            reward, length = float(self._ep_return[row]), int(self._ep_length[row])
+            self.episode_rewards.append(reward)
+            self.episode_lengths.append(length)
+            self.best_reward = max(self.best_reward, reward)
+            self.episodes_done += 1
+            if train.exploration == "exponential":
+                self.epsilon = max(train.epsilon_end, self.epsilon * train.epsilon_decay)
+            self.metrics.log_metrics(
+                {"episode/reward": reward, "episode/length": float(length), "train/epsilon": self.epsilon},
+                self.global_step,
+            )
+            if self.run_dir is not None and self.episodes_done % train.checkpoint_frequency == 0:
+                self._periodic_checkpoint()
+        self._ep_return[rows] = 0.0
+        self._ep_length[rows] = 0
+
+    def _periodic_checkpoint(self) -> None:
+        assert self.run_dir is not None
+        self.save_checkpoint(self.run_dir / "checkpoints" / "last.pt")
+        recent = self.recent_mean_reward()
+        if not self.config.train.eval_frequency and recent > self.best_recent_mean:
+            self.best_recent_mean = recent
+            self.save_checkpoint(self.run_dir / "checkpoints" / "best_model.pt", include_run_state=False)
+
+    def recent_mean_reward(self, window: int = _RECENT) -> float:
+        recent = self.episode_rewards[-window:]
+        return float(np.mean(recent)) if recent else float("nan")
+
+    def _log_window(
+        self, progress: ProgressCallback | None, max_steps: int | None, max_episodes: int | None
+    ) -> None:
+        now = time.perf_counter()
+        started, start_step = self._window_start
+        scalars = {f"train/{k}": float(np.mean(v)) for k, v in self._window.items() if v}
+        scalars.update(
+            {
+                "train/epsilon": self.epsilon,
+                "train/training_steps": float(self.agent.training_steps),
+                "train/learning_rate": self.agent.learning_rate,
+                "time/steps_per_second": (self.global_step - start_step) / max(now - started, 1e-9),
+            }
+        )
+        if self.episode_rewards:
+            scalars["rollout/reward_mean"] = self.recent_mean_reward()
+        if self.actions_taken:
+            scalars["actions/invalid_rate"] = self.invalid_actions / self.actions_taken
+            scalars["actions/clipped_rate"] = self.clipped_actions / self.actions_taken
+        if self.memory_client is not None and hasattr(self.memory_client, "metrics"):
+            for key, value in self.memory_client.metrics().items():
+                scalars[f"memory/{key}"] = float(value)
+        self.metrics.log_metrics(scalars, self.global_step)
+        self._window = {}
+        self._window_start = (now, self.global_step)
+        if progress is not None:
+            progress(
+                {
+                    "step": float(self.global_step),
+                    "total_steps": float(max_steps or 0),
+                    "episodes": float(self.episodes_done),
+                    "total_episodes": float(max_episodes or 0),
+                    "reward_mean": scalars.get("rollout/reward_mean", float("nan")),
+                    "epsilon": self.epsilon,
+                }
+            )
+
+    def summary(self, elapsed: float | None = None, steps: int | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = {
+            "task": self.task,
+            "global_step": self.global_step,
+            "episodes": self.episodes_done,
+            "training_steps": self.agent.training_steps,
+            "epsilon": self.epsilon,
+            "best_reward": self.best_reward if self.episode_rewards else None,
+            "recent_mean_reward": self.recent_mean_reward() if self.episode_rewards else None,
+            "best_eval_reward": self.best_eval_reward if self.evaluations else None,
+            "final_model": self.config.train.final_model if self._best_weights is not None else "last",
+            "invalid_actions": self.invalid_actions,
+            "invalid_action_rate": self.invalid_actions / max(self.actions_taken, 1),
+            "clipped_actions": self.clipped_actions,
+            "clipped_action_rate": self.clipped_actions / max(self.actions_taken, 1),
+        }
+        if elapsed is not None:
+            result["wall_seconds"] = elapsed
+            result["steps_per_second"] = (steps or 0) / max(elapsed, 1e-9)
+        return result
+
+    def write_episode_log(self, path: str | Path) -> None:
+        """Episode rewards as CSV: DVC plots and spreadsheets read it directly."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["episode", "reward", "length"])
+            for i, (reward, length) in enumerate(zip(self.episode_rewards, self.episode_lengths), 1):
+                writer.writerow([i, f"{reward:.6g}", length])
+
+    # ------------------------------------------------------------------ evaluation
+
+    async def evaluate(
+        self, num_episodes: int | None = None, seed: int | None = None, epsilon: float = 0.0
+    ) -> tuple[float, float]:
+        """Mean and standard deviation of the return over greedy episodes.
+
+        Runs in fresh environments seeded apart from training, and never touches the training
+        RNGs, so evaluating does not change what training does next.
+        """
+        n_episodes = num_episodes or self.config.evaluate.episodes
+        n_envs = min(n_episodes, self.config.evaluate.num_envs)
+        envs = self._make_envs(n_envs)
+        seed = self.config.run.seed + self.config.evaluate.seed_offset if seed is None else seed
+        rng = np.random.default_rng(seed)
+        # Each copy runs a fixed number of episodes, so short episodes are not over-represented.
+        targets = np.array([(n_episodes + i) // n_envs for i in range(n_envs)])
+        counts = np.zeros(n_envs, dtype=np.int64)
+        returns = np.zeros(n_envs)
+        lengths = np.zeros(n_envs, dtype=np.int64)
+        pending_reset = np.zeros(n_envs, dtype=bool)
+        episode_returns: list[float] = []
+        episode_lengths: list[int] = []
+        task_metrics: dict[str, list[float]] = {}
+        mode = autoreset_mode(envs)
+        obs, _ = envs.reset(seed=seed)
+        while (counts < targets).any():
+            actions = self.agent.greedy_actions(obs)
+            if epsilon > 0:
+                explore = rng.random(n_envs) < epsilon
+                actions = np.where(explore, rng.integers(0, self.agent.output_size, n_envs), actions)
+            obs, rewards, terminated, truncated, info = envs.step(actions)
+            active = counts < targets
+            if mode == gym.vector.AutoresetMode.NEXT_STEP:
+                active &= ~pending_reset
+                pending_reset = terminated | truncated
+            returns[active] += rewards[active]
+            lengths[active] += 1
+            finished = np.flatnonzero((terminated | truncated) & active)
+            for row in finished:
+                episode_returns.append(float(returns[row]))
+                episode_lengths.append(int(lengths[row]))
+                if "_task_metrics" in info and info["_task_metrics"][row]:
+                    for key, values in info["task_metrics"].items():
+                        task_metrics.setdefault(key, []).append(float(values[row]))
+            counts[finished] += 1
+            returns[finished] = 0.0
+            lengths[finished] = 0
+        envs.close()
+        mean, std = float(np.mean(episode_returns)), float(np.std(episode_returns))
+        self.last_evaluation = {
+            "task": self.task,
+            "episodes": len(episode_returns),
+            "mean_reward": mean,
+            "std_reward": std,
+            "min_reward": float(np.min(episode_returns)),
+            "max_reward": float(np.max(episode_returns)),
+            "mean_length": float(np.mean(episode_lengths)),
+            "rewards": episode_returns,
+            "task_metrics": {k: float(np.mean(v)) for k, v in task_metrics.items()},
+            "global_step": self.global_step,
+        }
+        return mean, std
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _run_state(self) -> dict[str, Any]:
+        assert self._obs is not None
+        return {
+            "global_step": self.global_step,
+            "episodes_done": self.episodes_done,
+            "epsilon": self.epsilon,
+            "exploration_steps": self._exploration_steps,
+            "steps_since_train": self._steps_since_train,
+            "episode_rewards": torch.tensor(self.episode_rewards, dtype=torch.float64),
+            "episode_lengths": torch.tensor(self.episode_lengths, dtype=torch.int64),
+            "best_reward": self.best_reward,
+            "best_recent_mean": self.best_recent_mean,
+            "best_eval_reward": self.best_eval_reward,
+            "next_eval": self._next_eval,
+            "evaluations": torch.tensor(self.evaluations, dtype=torch.float64).reshape(-1, 2),
+            "best_weights": self._best_weights,
+            "invalid_actions": self.invalid_actions,
+            "clipped_actions": self.clipped_actions,
+            "actions_taken": self.actions_taken,
+            "obs": torch.from_numpy(np.array(self._obs, dtype=np.float32)),
+            "ep_return": torch.from_numpy(self._ep_return.copy()),
+            "ep_length": torch.from_numpy(self._ep_length.copy()),
+            "pending_reset": torch.from_numpy(self._pending_reset.copy()),
+            "torch_rng": torch.get_rng_state(),
+            "env": capture_env_state(self.envs),
+        }
+
+    def save_checkpoint(self, path: str | Path, include_run_state: bool = True) -> Path:
+        """Write a checkpoint atomically. ``include_run_state=False`` keeps only the model."""
+        payload: dict[str, Any] = {
+            "config": self.config.to_dict(),
+            "task": self.task,
+            "agent": self.agent.state_dict(include_buffer=include_run_state and self.config.train.save_buffer),
+        }
+        if include_run_state and self._obs is not None:
+            payload["trainer"] = self._run_state()
+        path = save_checkpoint_file(payload, path)
+        if self.run_dir is not None and not (self.run_dir / "config.yaml").exists():
+            self.write_config(self.run_dir / "config.yaml")
+        return path
+
+    def write_config(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore a checkpoint: the model always, the whole run state when the file has it."""
+        document = load_checkpoint_file(path, map_location=self.agent.device)
+        try:
+            self.agent.load_state_dict(document["agent"])
+            state = document.get("trainer")
+            if state is not None:
+                self._restore_run_state(state)
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{path}: checkpoint does not fit this trainer: {exc}") from None
+
+    def _restore_run_state(self, state: Mapping[str, Any]) -> None:
+        self.global_step = int(state["global_step"])
+        self.episodes_done = int(state["episodes_done"])
+        self.epsilon = float(state["epsilon"])
+        self._exploration_steps = state["exploration_steps"]
+        self._steps_since_train = int(state["steps_since_train"])
+        self.episode_rewards = state["episode_rewards"].tolist()
+        self.episode_lengths = state["episode_lengths"].tolist()
+        self.best_reward = float(state["best_reward"])
+        self.best_recent_mean = float(state["best_recent_mean"])
+        self.best_eval_reward = float(state["best_eval_reward"])
+        self._next_eval = int(state["next_eval"])
+        self.evaluations = [(int(step), float(reward)) for step, reward in state["evaluations"].tolist()]
+        self._best_weights = state["best_weights"]
+        self.invalid_actions = int(state["invalid_actions"])
+        self.clipped_actions = int(state["clipped_actions"])
+        self.actions_taken = int(state["actions_taken"])
+        torch.set_rng_state(state["torch_rng"])
+        if restore_env_state(self.envs, state["env"]):
+            self._obs = state["obs"].numpy().copy()
+            self._ep_return = state["ep_return"].numpy().copy()
+            self._ep_length = state["ep_length"].numpy().copy()
+            self._pending_reset = state["pending_reset"].numpy().copy()
+        else:
+            log.warning(
+                "the environment state of '%s' cannot be restored exactly; "
+                "the resumed run starts new episodes",
+                self.task,
+            )
+            self._obs, _ = self.envs.reset(seed=self.config.run.seed + self.global_step)
+            self._ep_return[:] = 0.0
+            self._ep_length[:] = 0
+            self._pending_reset[:] = False
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        overrides: Mapping[str, Mapping[str, Any]] | None = None,
+        **trainer_kwargs: Any,
+    ) -> TrainingManager:
+        """Rebuild the agent and trainer a checkpoint was made with, and load it.
+
+        ``overrides`` replaces config keys by section (for example a larger step budget).
+        """
+        document = load_checkpoint_file(path)
+        try:
+            config = config_from_dict(document["config"], source=str(path))
+            architecture = NetworkArchitecture.from_dict(document["agent"]["architecture"])
+            task = str(document["task"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: checkpoint lacks or garbles {exc}") from None
+        config = with_overrides(config, **dict(overrides or {}))
+        agent = LearningAgent(
+            architecture.input_dim, architecture.output_dim, config=config, architecture=architecture
+        )
+        trainer = cls(agent, task_type=task, **trainer_kwargs)
+        trainer.load_checkpoint(path)
+        return trainer
+
+    def close(self) -> None:
+        self.envs.close()
+        self.metrics.close()

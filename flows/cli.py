@@ -1,0 +1,334 @@
+"""``lagent``: the command-line interface.
+
+Every subcommand reads the same configuration layers (``params.yaml``, ``--params FILE``,
+``--set section.key=value``), shows a progress bar on a terminal, and with ``--json`` ends its
+output with one JSON object. User errors are one line on stderr and exit status 2, never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NoReturn
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(Exception):
+    """A problem the user can fix: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, not argparse's usage dump
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/inf: report them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def emit_json(payload: Mapping[str, Any]) -> None:
+    print(json.dumps(_clean(dict(payload)), default=_json_default), flush=True)
+
+
+@contextmanager
+def progress_bar(enabled: bool, description: str) -> Iterator[Callable[[Mapping[str, float]], None]]:
+    """A rich progress bar on stderr; a no-op callback when stderr is not a terminal."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    if not (enabled and console.is_terminal):
+        yield lambda update: None
+        return
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed:,.0f}/{task.total:,.0f}"),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    ) as bar:
+        task_id = bar.add_task(description, total=None, status="")
+
+        def update(info: Mapping[str, float]) -> None:
+            by_steps = info.get("total_steps", 0) > 0
+            total = info["total_steps"] if by_steps else info.get("total_episodes") or None
+            done = info["step"] if by_steps else info.get("episodes", 0)
+            reward = info.get("reward_mean", float("nan"))
+            status = f"reward {reward:8.2f}  eps {info.get('epsilon', 0):.3f}" if reward == reward else ""
+            bar.update(task_id, total=total, completed=done, status=status)
+
+        yield update
+
+
+@contextmanager
+def stop_on_signals(stop: Callable[[], None]) -> Iterator[list[int]]:
+    """Turn SIGINT/SIGTERM into a clean stop at the next step (then a checkpoint is written)."""
+    received: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if received:  # a second Ctrl-C means "now"
+            raise KeyboardInterrupt
+        received.append(signum)
+        stop()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--params", action="append", default=[], metavar="FILE",
+        help="a params.yaml-shaped file layered over the defaults (repeatable)",
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
+        help="override one setting, e.g. --set train.learning_rate=0.0005 (repeatable)",
+    )
+    parser.add_argument("--json", action="store_true", help="end the output with one JSON object")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def load_cli_config(args: argparse.Namespace, extra: Sequence[str] = ()):
+    from agent.config import load_config
+
+    return load_config(args.params, [*args.overrides, *extra])
+
+
+def default_run_dir(task: str, seed: int) -> Path:
+    """CleanRL-style run names: ``{task}__{seed}__{unix time}``."""
+    safe = task.replace("/", "_")
+    return Path("runs") / f"{safe}__{seed}__{int(time.time())}"
+
+
+def _report(message: str, args: argparse.Namespace) -> None:
+    """Human-readable lines go to stderr when --json keeps stdout for the JSON object."""
+    print(message, file=sys.stderr if args.json else sys.stdout, flush=True)
+
+
+# --------------------------------------------------------------------------- train / evaluate
+
+
+def _train_command(args: argparse.Namespace) -> int:
+    from agent import LearningAgent, TrainingManager
+    from agent.tasks import task_name
+
+    extra = []
+    if args.task:
+        extra.append(f"train.task={args.task}")
+    if args.seed is not None:
+        extra.append(f"run.seed={args.seed}")
+    if args.timesteps is not None:
+        extra += [f"train.total_timesteps={args.timesteps}"]
+        if args.episodes is None:
+            extra.append("train.max_episodes=null")
+    if args.episodes is not None:
+        extra.append(f"train.max_episodes={args.episodes}")
+        if args.timesteps is None:
+            extra.append("train.total_timesteps=null")
+    if args.num_envs is not None:
+        extra.append(f"train.num_envs={args.num_envs}")
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        checkpoint = run_dir / "checkpoints" / "last.pt"
+        from agent.config import collect_overrides
+
+        # Only what the user names changes on resume; everything else is the run's own.
+        overrides = collect_overrides(args.params, [*args.overrides, *extra])
+        trainer = TrainingManager.from_checkpoint(checkpoint, overrides=overrides, run_dir=run_dir)
+        _report(f"resuming {run_dir} at step {trainer.global_step:,} (episode {trainer.episodes_done:,})", args)
+    else:
+        config = load_cli_config(args, extra)
+        task = config.train.task
+        run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(task, config.run.seed)
+        if (run_dir / "checkpoints" / "last.pt").exists():
+            if not args.force:
+                raise UsageError(
+                    f"{run_dir} already holds a run: resume it with --resume {run_dir}, "
+                    "or pass --force to start over"
+                )
+            shutil.rmtree(run_dir)  # it holds one of our runs (checked above), nothing else
+        from agent.tasks import task_spaces
+
+        obs_dim, n_actions = task_spaces(task)
+        agent = LearningAgent(obs_dim, n_actions, config=config)
+        trainer = TrainingManager(agent, task_type=task, run_dir=run_dir)
+        trainer.write_config(_ensure_dir(run_dir) / "config.yaml")
+
+    train = trainer.config.train
+    with progress_bar(not args.no_progress, f"train {task_name(trainer.task)}") as update, stop_on_signals(
+        trainer.request_stop
+    ) as signals:
+        summary = asyncio.run(trainer.train(progress=update))
+    if signals:
+        _report(
+            f"stopped at step {trainer.global_step:,}; checkpoint saved. "
+            f"Resume with: lagent train --resume {run_dir}",
+            args,
+        )
+        if args.json:
+            emit_json({"run_dir": str(run_dir), "train": summary, "stopped": True})
+        return EXIT_INTERRUPTED
+
+    evaluation: dict[str, Any] = {}
+    if args.eval_episodes != 0:
+        episodes = args.eval_episodes or trainer.config.evaluate.episodes
+        asyncio.run(trainer.evaluate(num_episodes=episodes))
+        evaluation = trainer.last_evaluation
+        _write_json(run_dir / "evaluation.json", evaluation)
+    _write_json(run_dir / "summary.json", summary)
+    trainer.close()
+
+    _report(
+        f"trained {trainer.task} for {summary['global_step']:,} steps ({summary['episodes']:,} episodes, "
+        f"{summary['training_steps']:,} updates) in {summary.get('wall_seconds', 0):.1f} s "
+        f"({summary.get('steps_per_second', 0):,.0f} steps/s)",
+        args,
+    )
+    if evaluation:
+        _report(
+            f"greedy evaluation over {evaluation['episodes']} episodes: "
+            f"{evaluation['mean_reward']:.2f} ± {evaluation['std_reward']:.2f}",
+            args,
+        )
+    _report(f"run directory: {run_dir}   (tensorboard --logdir {run_dir / 'tb'})", args)
+    if args.json:
+        emit_json({"run_dir": str(run_dir), "train": summary, "evaluation": evaluation})
+    return 0
+
+
+def _evaluate_command(args: argparse.Namespace) -> int:
+    from agent import TrainingManager
+
+    run_dir = Path(args.run_dir)
+    checkpoint = Path(args.checkpoint) if args.checkpoint else run_dir / "checkpoints" / "last.pt"
+    if not run_dir.exists() and not args.checkpoint:
+        raise UsageError(f"run directory {run_dir} does not exist")
+    from agent.config import collect_overrides
+
+    overrides = collect_overrides(args.params, args.overrides)
+    trainer = TrainingManager.from_checkpoint(checkpoint, overrides=overrides, tensorboard=False)
+    episodes = args.episodes or trainer.config.evaluate.episodes
+    mean, std = asyncio.run(trainer.evaluate(num_episodes=episodes, seed=args.seed))
+    report = {**trainer.last_evaluation, "checkpoint": str(checkpoint)}
+    if run_dir.exists():
+        _write_json(run_dir / "evaluation.json", report)
+    trainer.close()
+    _report(f"{trainer.task}: {mean:.2f} ± {std:.2f} over {report['episodes']} greedy episodes ({checkpoint})", args)
+    if args.json:
+        emit_json(report)
+    return 0
+
+
+def _ensure_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
+    _ensure_dir(path.parent)
+    path.write_text(json.dumps(_clean(dict(payload)), indent=2, default=_json_default) + "\n")
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lagent", description="Train, evaluate and orchestrate DQN learning agents.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = commands.add_parser("train", help="train an agent (and evaluate it)")
+    train.add_argument("--task", help="task type or Gymnasium env id (default: train.task)")
+    train.add_argument("--timesteps", type=int, help="total environment-step budget")
+    train.add_argument("--episodes", type=int, help="total episode budget")
+    train.add_argument("--seed", type=int, help="run.seed")
+    train.add_argument("--num-envs", type=int, help="environment copies stepped together")
+    train.add_argument("--run-dir", help="where checkpoints, metrics and TensorBoard events go")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run saved in RUN_DIR")
+    train.add_argument("--force", action="store_true", help="start over in a run dir that holds a run")
+    train.add_argument(
+        "--eval-episodes", type=int, default=None,
+        help="greedy evaluation episodes after training (default: evaluate.episodes; 0 skips)",
+    )
+    add_config_arguments(train)
+    train.set_defaults(handler=_train_command)
+
+    evaluate = commands.add_parser("evaluate", help="evaluate a trained run greedily")
+    evaluate.add_argument("run_dir", metavar="RUN_DIR")
+    evaluate.add_argument("--episodes", type=int, help="evaluation episodes (default: evaluate.episodes)")
+    evaluate.add_argument("--checkpoint", help="a checkpoint file (default: RUN_DIR/checkpoints/last.pt)")
+    evaluate.add_argument("--seed", type=int, help="evaluation seed (default: run.seed + evaluate.seed_offset)")
+    add_config_arguments(evaluate)
+    evaluate.set_defaults(handler=_evaluate_command)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            raise UsageError(f"unrecognized arguments: {' '.join(unknown)} (see 'lagent {args.command} --help')")
+        logging.basicConfig(
+            level=logging.INFO if args.verbose else logging.WARNING,
+            format="%(levelname)s %(name)s: %(message)s",
+        )
+        return int(args.handler(args) or 0)
+    except UsageError as exc:
+        print(f"lagent: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("lagent: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # user-facing errors from the library: one line, no traceback
+        from agent.checkpoint import CheckpointError
+        from agent.config import ConfigError
+        from agent.tasks import UnsupportedEnvironmentError
+
+        if isinstance(exc, (ConfigError, CheckpointError, UnsupportedEnvironmentError, FileNotFoundError)):
+            print(f"lagent: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
