@@ -9,9 +9,43 @@ from agent.dqn import LearningAgent, TrainingDivergedError
 from agent.metrics import InMemorySink, MetricsSink, TensorBoardSink
 from agent.network import LearningNetwork, NetworkArchitecture
 from agent.replay import ExperienceBuffer, Transitions
+from agent.tasks import (
+    ActionBounds,
+    ActionSpace,
+    ActionSpaceFactory,
+    ActionType,
+    CooperativeActionSpace,
+    CurriculumManager,
+    CurriculumStage,
+    DifficultyLevel,
+    ManipulationActionSpace,
+    NavigationActionSpace,
+    RewardComponent,
+    RewardConfig,
+    TaskParameters,
+    TaskRewardManager,
+    TaskType,
+    create_task,
+)
 from agent.training import TrainingManager
 
 __all__ = [
+    "ActionBounds",
+    "ActionSpace",
+    "ActionSpaceFactory",
+    "ActionType",
+    "CooperativeActionSpace",
+    "CurriculumManager",
+    "CurriculumStage",
+    "DifficultyLevel",
+    "ManipulationActionSpace",
+    "NavigationActionSpace",
+    "RewardComponent",
+    "RewardConfig",
+    "TaskParameters",
+    "TaskRewardManager",
+    "TaskType",
+    "create_task",
     "CheckpointError",
     "Config",
     "ConfigError",

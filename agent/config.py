@@ -133,6 +133,9 @@ class EvaluateConfig(_Section):
     """Environment copies used to run them."""
     seed_offset: int = Field(ge=0)
     """Evaluation environments are seeded with run.seed + seed_offset, apart from training."""
+    epsilon: float = Field(ge=0.0, le=1.0)
+    """Exploration during evaluation: a little (0.05, as in the DQN papers) frees a greedy policy
+    stuck repeating a blocked move; 0 is purely greedy."""
 
 
 class MemoryConfig(_Section):

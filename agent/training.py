@@ -29,6 +29,9 @@ from agent.dqn import LearningAgent
 from agent.network import NetworkArchitecture
 from agent.metrics import MetricsSink, MultiSink, NullSink, TensorBoardSink
 from agent.tasks import (
+    CurriculumManager,
+    TaskParameters,
+    TaskType,
     autoreset_mode,
     capture_env_state,
     make_vector_env,
@@ -42,13 +45,21 @@ ProgressCallback = Callable[[Mapping[str, float]], None]
 _RECENT = 100  # episodes in the rolling reward mean
 
 
+def _team_metrics(task_metrics: Mapping[str, np.ndarray], team: slice) -> dict[str, float]:
+    """A finished team's episode metrics: the mean over its agents' rows (one row if alone)."""
+    return {key: float(np.mean(values[team])) for key, values in task_metrics.items() if key != "agent_index"}
+
+
 class TrainingManager:
     """Orchestrates the interaction between a LearningAgent and its environments.
 
     ``task_type`` is a task type or any registered Gymnasium env id (default: ``train.task``).
     ``training_config`` overrides keys of the ``train`` section (the spec's ``max_episodes``,
     ``max_steps_per_episode``, ``epsilon_start/end/decay``, ``checkpoint_frequency``, ...).
+    ``use_curriculum`` walks a task type through the curriculum's stages, rebuilding the
+    environments when a stage is passed; ``reward_config`` customises the task's rewards.
     With a ``run_dir`` the trainer writes checkpoints, TensorBoard events and an episode log.
+    For the multi-agent task an episode is a team's: its reward is the mean of its agents' returns.
     """
 
     def __init__(
@@ -63,6 +74,10 @@ class TrainingManager:
         metrics_sink: MetricsSink | None = None,
         task_params: Any = None,
         tensorboard: bool = True,
+        use_curriculum: bool = False,
+        curriculum: CurriculumManager | None = None,
+        use_meta_learning: bool = False,
+        meta_config: Any = None,
     ) -> None:
         self.agent = learning_agent
         self.memory_client = memory_client
@@ -76,6 +91,19 @@ class TrainingManager:
         self.reward_config = reward_config
         self.task_params = task_params
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.curriculum: CurriculumManager | None = None
+        if use_curriculum or curriculum is not None:
+            if TaskType.parse(self.task) is None:
+                raise ValueError(
+                    f"curriculum learning needs a task type ({', '.join(t.value for t in TaskType)}), "
+                    f"not '{self.task}'"
+                )
+            self.curriculum = curriculum or CurriculumManager()
+            self.task_params = self.curriculum.get_current_parameters()
+        self.stage_transitions: list[dict[str, Any]] = []
+        self.meta = None
+        if use_meta_learning or meta_config is not None:
+            self.meta = self._make_meta(meta_config)
 
         sinks: list[MetricsSink] = [metrics_sink] if metrics_sink is not None else []
         if self.run_dir is not None and tensorboard:
@@ -85,6 +113,7 @@ class TrainingManager:
         self.envs = self._make_envs(self.config.train.num_envs)
         self._check_dimensions(self.envs)
         self._mode = autoreset_mode(self.envs)
+        self.rows_per_copy = int(getattr(self.envs, "agents", 1))  # agents per team
 
         # Run state: everything below goes into checkpoints.
         self.global_step = 0
@@ -110,6 +139,7 @@ class TrainingManager:
         self._best_weights: dict[str, torch.Tensor] | None = None
         self._next_eval = self.config.train.eval_frequency
         self._window: dict[str, list[float]] = {}
+        self._task_window: dict[str, list[float]] = {}
         self._window_start = (time.perf_counter(), 0)
 
     # ------------------------------------------------------------------ setup
@@ -122,6 +152,18 @@ class TrainingManager:
             task_params=self.task_params,
             reward_config=self.reward_config,
         )
+
+    @property
+    def reward_manager(self) -> Any:
+        """The task's TaskRewardManager (None for Gymnasium envs): reward components, task metrics."""
+        return getattr(self.envs, "rewards", None)
+
+    def _make_meta(self, meta_config: Any) -> Any:
+        from agent.meta import MetaLearningManager
+
+        if isinstance(meta_config, MetaLearningManager):
+            return meta_config
+        return MetaLearningManager(base_config=meta_config, config=self.config)
 
     def _check_dimensions(self, envs: gym.vector.VectorEnv) -> None:
         obs_dim = int(np.prod(envs.single_observation_space.shape))
@@ -283,28 +325,68 @@ class TrainingManager:
         if "action_invalid" in info:
             self.invalid_actions += int(np.count_nonzero(info["action_invalid"]))
             self.clipped_actions += int(np.count_nonzero(info["action_clipped"]))
+        self._obs = next_obs
         if done.any():
             self._finish_episodes(np.flatnonzero(done), info)
-        self._obs = next_obs
 
     def _finish_episodes(self, rows: np.ndarray, info: Mapping[str, Any]) -> None:
+        k = self.rows_per_copy
+        has_metrics = "_task_metrics" in info
+        for copy in np.unique(rows // k):
+            team = slice(copy * k, copy * k + k)
+            metrics: dict[str, float] = {}
+            if has_metrics and info["_task_metrics"][copy * k]:
+                metrics = _team_metrics(info["task_metrics"], team)
+            reward = float(self._ep_return[team].mean())
+            self._record_episode(reward, int(self._ep_length[copy * k]), metrics)
+            self._ep_return[team] = 0.0
+            self._ep_length[team] = 0
+            if self.curriculum is not None and self.curriculum.update_progress({**metrics, "average_reward": reward}):
+                self._advance_stage()
+                return  # new environments: the other episodes in progress are gone
+
+    def _record_episode(self, reward: float, length: int, metrics: Mapping[str, float]) -> None:
         train = self.config.train
-        for row in rows:
-            reward, length = float(self._ep_return[row]), int(self._ep_length[row])
-            self.episode_rewards.append(reward)
-            self.episode_lengths.append(length)
-            self.best_reward = max(self.best_reward, reward)
-            self.episodes_done += 1
-            if train.exploration == "exponential":
-                self.epsilon = max(train.epsilon_end, self.epsilon * train.epsilon_decay)
-            self.metrics.log_metrics(
-                {"episode/reward": reward, "episode/length": float(length), "train/epsilon": self.epsilon},
-                self.global_step,
-            )
-            if self.run_dir is not None and self.episodes_done % train.checkpoint_frequency == 0:
-                self._periodic_checkpoint()
-        self._ep_return[rows] = 0.0
-        self._ep_length[rows] = 0
+        self.episode_rewards.append(reward)
+        self.episode_lengths.append(length)
+        self.best_reward = max(self.best_reward, reward)
+        self.episodes_done += 1
+        if train.exploration == "exponential":
+            self.epsilon = max(train.epsilon_end, self.epsilon * train.epsilon_decay)
+        for key, value in metrics.items():
+            self._task_window.setdefault(key, []).append(value)
+        self.metrics.log_metrics(
+            {"episode/reward": reward, "episode/length": float(length), "train/epsilon": self.epsilon},
+            self.global_step,
+        )
+        if self.run_dir is not None and self.episodes_done % train.checkpoint_frequency == 0:
+            self._periodic_checkpoint()
+
+    def _advance_stage(self) -> None:
+        """The curriculum moved on: rebuild the environments at the new stage's parameters."""
+        assert self.curriculum is not None
+        transition = dict(self.curriculum.transitions[-1])
+        transition.update(global_step=self.global_step, training_episode=self.episodes_done)
+        self.stage_transitions.append(transition)
+        log.info("curriculum: %s -> %s at step %d", transition.get("from"), transition.get("to"), self.global_step)
+        if self.run_dir is not None:
+            previous = str(transition.get("from", "stage")).lower()
+            self.save_checkpoint(self.run_dir / "checkpoints" / f"stage_{previous}.pt", include_run_state=False)
+        self.task_params = self.curriculum.get_current_parameters()
+        self._rebuild_envs()
+        self._obs, _ = self.envs.reset(seed=self.config.run.seed + 7919 * self.curriculum.current_index)
+        self.metrics.log_metrics({"curriculum/stage": float(self.curriculum.current_index)}, self.global_step)
+
+    def _rebuild_envs(self) -> None:
+        """New environments for ``self.task_params``; the reward manager and its metrics carry over."""
+        rewards = self.reward_manager
+        self.envs.close()
+        self.envs = self._make_envs(self.config.train.num_envs)
+        if rewards is not None:
+            self.envs.use_reward_manager(rewards)
+        self._ep_return[:] = 0.0
+        self._ep_length[:] = 0
+        self._pending_reset[:] = False
 
     def _periodic_checkpoint(self) -> None:
         assert self.run_dir is not None
@@ -337,6 +419,14 @@ class TrainingManager:
         if self.actions_taken:
             scalars["actions/invalid_rate"] = self.invalid_actions / self.actions_taken
             scalars["actions/clipped_rate"] = self.clipped_actions / self.actions_taken
+        scalars.update({f"task/{k}": float(np.mean(v)) for k, v in self._task_window.items() if v})
+        self._task_window = {}
+        if self.reward_manager is not None:
+            for name, value in self.reward_manager.get_metrics()["reward_components"].items():
+                scalars[f"reward/{name}"] = float(value)
+        if self.curriculum is not None:
+            scalars["curriculum/stage"] = float(self.curriculum.current_index)
+            scalars["curriculum/success_rate"] = float(self.curriculum.current_stage.success_rate)
         if self.memory_client is not None and hasattr(self.memory_client, "metrics"):
             for key, value in self.memory_client.metrics().items():
                 scalars[f"memory/{key}"] = float(value)
@@ -371,6 +461,13 @@ class TrainingManager:
             "clipped_actions": self.clipped_actions,
             "clipped_action_rate": self.clipped_actions / max(self.actions_taken, 1),
         }
+        if self.curriculum is not None:
+            result["curriculum_stage"] = self.curriculum.current_difficulty.value
+            result["stage_transitions"] = self.stage_transitions
+        if self.reward_manager is not None:
+            metrics = self.reward_manager.get_metrics()
+            result["reward_components"] = metrics["reward_components"]
+            result["task_metrics"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         if elapsed is not None:
             result["wall_seconds"] = elapsed
             result["steps_per_second"] = (steps or 0) / max(elapsed, 1e-9)
@@ -389,56 +486,71 @@ class TrainingManager:
     # ------------------------------------------------------------------ evaluation
 
     async def evaluate(
-        self, num_episodes: int | None = None, seed: int | None = None, epsilon: float = 0.0
+        self,
+        num_episodes: int | None = None,
+        seed: int | None = None,
+        epsilon: float | None = None,
+        task_params: Any = None,
     ) -> tuple[float, float]:
-        """Mean and standard deviation of the return over greedy episodes.
+        """Mean and standard deviation of the return over (epsilon-)greedy episodes.
 
-        Runs in fresh environments seeded apart from training, and never touches the training
-        RNGs, so evaluating does not change what training does next.
+        Runs in fresh environments seeded apart from training and never touches the training
+        RNGs, so evaluating does not change what training does next. ``task_params`` evaluates
+        at another difficulty than the current one.
         """
         n_episodes = num_episodes or self.config.evaluate.episodes
-        n_envs = min(n_episodes, self.config.evaluate.num_envs)
-        envs = self._make_envs(n_envs)
+        epsilon = self.config.evaluate.epsilon if epsilon is None else epsilon
+        n_copies = min(n_episodes, self.config.evaluate.num_envs)
+        envs = make_vector_env(
+            self.task,
+            n_copies,
+            max_episode_steps=self.config.train.max_steps_per_episode,
+            task_params=task_params if task_params is not None else self.task_params,
+            reward_config=self.reward_config,
+        )
+        k = int(getattr(envs, "agents", 1))
         seed = self.config.run.seed + self.config.evaluate.seed_offset if seed is None else seed
         rng = np.random.default_rng(seed)
         # Each copy runs a fixed number of episodes, so short episodes are not over-represented.
-        targets = np.array([(n_episodes + i) // n_envs for i in range(n_envs)])
-        counts = np.zeros(n_envs, dtype=np.int64)
-        returns = np.zeros(n_envs)
-        lengths = np.zeros(n_envs, dtype=np.int64)
-        pending_reset = np.zeros(n_envs, dtype=bool)
+        targets = np.array([(n_episodes + i) // n_copies for i in range(n_copies)])
+        counts = np.zeros(n_copies, dtype=np.int64)
+        returns = np.zeros(envs.num_envs)
+        lengths = np.zeros(envs.num_envs, dtype=np.int64)
+        pending_reset = np.zeros(envs.num_envs, dtype=bool)
         episode_returns: list[float] = []
         episode_lengths: list[int] = []
         task_metrics: dict[str, list[float]] = {}
-        mode = autoreset_mode(envs)
+        next_step_reset = autoreset_mode(envs) == gym.vector.AutoresetMode.NEXT_STEP
         obs, _ = envs.reset(seed=seed)
         while (counts < targets).any():
             actions = self.agent.greedy_actions(obs)
             if epsilon > 0:
-                explore = rng.random(n_envs) < epsilon
-                actions = np.where(explore, rng.integers(0, self.agent.output_size, n_envs), actions)
+                explore = rng.random(len(actions)) < epsilon
+                actions = np.where(explore, rng.integers(0, self.agent.output_size, len(actions)), actions)
             obs, rewards, terminated, truncated, info = envs.step(actions)
-            active = counts < targets
-            if mode == gym.vector.AutoresetMode.NEXT_STEP:
+            active = np.repeat(counts < targets, k)
+            if next_step_reset:
                 active &= ~pending_reset
                 pending_reset = terminated | truncated
             returns[active] += rewards[active]
             lengths[active] += 1
-            finished = np.flatnonzero((terminated | truncated) & active)
-            for row in finished:
-                episode_returns.append(float(returns[row]))
-                episode_lengths.append(int(lengths[row]))
-                if "_task_metrics" in info and info["_task_metrics"][row]:
-                    for key, values in info["task_metrics"].items():
-                        task_metrics.setdefault(key, []).append(float(values[row]))
-            counts[finished] += 1
-            returns[finished] = 0.0
-            lengths[finished] = 0
+            finished = (terminated | truncated) & active
+            for copy in np.unique(np.flatnonzero(finished) // k):
+                team = slice(copy * k, copy * k + k)
+                episode_returns.append(float(returns[team].mean()))
+                episode_lengths.append(int(lengths[copy * k]))
+                if "_task_metrics" in info and info["_task_metrics"][copy * k]:
+                    for key, value in _team_metrics(info["task_metrics"], team).items():
+                        task_metrics.setdefault(key, []).append(value)
+                counts[copy] += 1
+                returns[team] = 0.0
+                lengths[team] = 0
         envs.close()
         mean, std = float(np.mean(episode_returns)), float(np.std(episode_returns))
         self.last_evaluation = {
             "task": self.task,
             "episodes": len(episode_returns),
+            "epsilon": epsilon,
             "mean_reward": mean,
             "std_reward": std,
             "min_reward": float(np.min(episode_returns)),
@@ -448,7 +560,25 @@ class TrainingManager:
             "task_metrics": {k: float(np.mean(v)) for k, v in task_metrics.items()},
             "global_step": self.global_step,
         }
+        if "task_success" in task_metrics:
+            self.last_evaluation["success_rate"] = float(np.mean(task_metrics["task_success"]))
         return mean, std
+
+    async def evaluate_curriculum(self, num_episodes: int | None = None) -> dict[str, dict[str, Any]]:
+        """The agent at every curriculum stage: success rate and reward per stage."""
+        manager = self.curriculum or CurriculumManager()
+        report: dict[str, dict[str, Any]] = {}
+        for stage in manager.stages:
+            await self.evaluate(num_episodes=num_episodes, task_params=stage.task_params)
+            evaluation = self.last_evaluation
+            report[stage.difficulty.value] = {
+                "success_rate": evaluation.get("success_rate"),
+                "mean_reward": evaluation["mean_reward"],
+                "std_reward": evaluation["std_reward"],
+                "episodes": evaluation["episodes"],
+                "task_metrics": evaluation["task_metrics"],
+            }
+        return report
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -476,6 +606,7 @@ class TrainingManager:
             "ep_length": torch.from_numpy(self._ep_length.copy()),
             "pending_reset": torch.from_numpy(self._pending_reset.copy()),
             "torch_rng": torch.get_rng_state(),
+            "stage_transitions": self.stage_transitions,
             "env": capture_env_state(self.envs),
         }
 
@@ -486,6 +617,12 @@ class TrainingManager:
             "task": self.task,
             "agent": self.agent.state_dict(include_buffer=include_run_state and self.config.train.save_buffer),
         }
+        if isinstance(self.task_params, TaskParameters):
+            payload["task_params"] = self.task_params.to_dict()
+        if self.curriculum is not None:
+            payload["curriculum"] = self.curriculum.save_state()
+        if self.meta is not None:
+            payload["meta"] = self.meta.state_dict()
         if include_run_state and self._obs is not None:
             payload["trainer"] = self._run_state()
         path = save_checkpoint_file(payload, path)
@@ -501,8 +638,15 @@ class TrainingManager:
         document = load_checkpoint_file(path, map_location=self.agent.device)
         try:
             self.agent.load_state_dict(document["agent"])
+            if self.meta is not None and "meta" in document:
+                self.meta.load_state_dict(document["meta"])
             state = document.get("trainer")
             if state is not None:
+                if self.curriculum is not None and "curriculum" in document:
+                    self.curriculum.load_state(document["curriculum"])
+                    if self.curriculum.get_current_parameters() != self.task_params:
+                        self.task_params = self.curriculum.get_current_parameters()
+                        self._rebuild_envs()
                 self._restore_run_state(state)
         except (KeyError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{path}: checkpoint does not fit this trainer: {exc}") from None
@@ -525,6 +669,7 @@ class TrainingManager:
         self.clipped_actions = int(state["clipped_actions"])
         self.actions_taken = int(state["actions_taken"])
         torch.set_rng_state(state["torch_rng"])
+        self.stage_transitions = list(state.get("stage_transitions", []))
         if restore_env_state(self.envs, state["env"]):
             self._obs = state["obs"].numpy().copy()
             self._ep_return = state["ep_return"].numpy().copy()
@@ -563,6 +708,11 @@ class TrainingManager:
         agent = LearningAgent(
             architecture.input_dim, architecture.output_dim, config=config, architecture=architecture
         )
+        trainer_kwargs.setdefault("use_curriculum", "curriculum" in document)
+        if "task_params" in document and not trainer_kwargs["use_curriculum"]:
+            trainer_kwargs.setdefault("task_params", TaskParameters.coerce(document["task_params"]))
+        if "meta" in document:
+            trainer_kwargs.setdefault("use_meta_learning", True)
         trainer = cls(agent, task_type=task, **trainer_kwargs)
         trainer.load_checkpoint(path)
         return trainer

@@ -1,0 +1,129 @@
+"""JSON bodies of the API, as pydantic models: they validate input and document it in OpenAPI.
+
+Array-valued fields are plain lists here; shapes, dtypes and finiteness are checked once the lists
+are numpy arrays, by the same code that checks binary bodies (:mod:`memory.transitions`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+COLLECTION_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
+
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+CollectionName = Annotated[
+    str, Field(pattern=COLLECTION_NAME, description="1-64 of A-Z a-z 0-9 _ . -")
+]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CollectionCreate(_Body):
+    name: CollectionName
+    dim: int = Field(ge=1, le=4096, description="Observation size D.")
+    capacity: int | None = Field(
+        default=None,
+        ge=1,
+        le=100_000_000,
+        description="Transitions kept; the oldest are evicted first beyond it "
+        "(server default if omitted).",
+    )
+    embedding_dim: int | None = Field(
+        default=None,
+        ge=1,
+        le=4096,
+        description="If set, every stored row carries an embedding of this size, and search "
+        "compares embeddings instead of observations.",
+    )
+    priority_alpha: float = Field(
+        default=0.6, ge=0.0, le=1.0, description="Prioritization exponent."
+    )
+
+
+class TransitionBatch(_Body):
+    obs: list[list[float]] = Field(description="[B, D] observations.")
+    actions: list[Int64] = Field(description="[B] discrete actions.")
+    rewards: list[float] = Field(description="[B] rewards.")
+    next_obs: list[list[float]] = Field(description="[B, D] next observations.")
+    dones: list[bool | float] = Field(description="[B] terminated flags: true/false or 1/0.")
+    embeddings: list[list[float]] | None = Field(
+        default=None,
+        description="[B, E] search vectors, for collections created with embedding_dim.",
+    )
+
+
+class PriorityUpdate(_Body):
+    ids: list[Int64] = Field(description="Ids from a sampled batch.")
+    priorities: list[float] = Field(
+        description="New priorities (e.g. |TD error|), finite and >= 0."
+    )
+
+
+class SearchQuery(_Body):
+    states: list[list[float]] | list[float] = Field(
+        description="[Q, D] query states, or one state [D]."
+    )
+
+
+class Health(BaseModel):
+    status: str
+    version: str
+    collections: int
+
+
+class CollectionInfo(BaseModel):
+    name: str
+    dim: int
+    embedding_dim: int | None
+    capacity: int
+    eviction: str
+    priority_alpha: float
+    size: int
+    next_id: int
+    oldest_id: int
+    created_at: float
+    search: dict[str, Any]
+
+
+class CollectionList(BaseModel):
+    collections: list[CollectionInfo]
+
+
+class StoreResult(BaseModel):
+    collection: str
+    first_id: int | None = Field(description="Id of the first stored row; ids are consecutive.")
+    count: int | None
+    duplicate: bool = Field(
+        description="True if this idempotency key was stored before: nothing new stored."
+    )
+
+
+class TransitionRows(BaseModel):
+    ids: list[int]
+    obs: list[list[float]]
+    actions: list[int]
+    rewards: list[float]
+    next_obs: list[list[float]]
+    dones: list[float]
+
+
+class ReplayBatchJSON(TransitionRows):
+    weights: list[float] = Field(description="Importance weights (all 1 for uniform sampling).")
+
+
+class SearchResultJSON(TransitionRows):
+    distances: list[float] = Field(description="Euclidean distance to the query.")
+    query_index: list[int] = Field(description="Which query each row answers (k rows per query).")
+
+
+class PriorityResult(BaseModel):
+    updated: int
+    evicted: int = Field(description="Ids skipped because they were evicted since sampling.")
+
+
+class Problem(BaseModel):
+    detail: Any

@@ -1,0 +1,176 @@
+"""The Memory service without HTTP: validation, the durable log, reloads, idempotency, sampling."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from memory.errors import Conflict, InvalidInput, NotFound
+from memory.service import MemoryService
+from memory.settings import Settings
+from memory.store import WriteKey
+
+
+def arrays(n: int, dim: int = 3, start: int = 0) -> dict[str, np.ndarray]:
+    obs = np.zeros((n, dim), np.float32)
+    obs[:, 0] = np.arange(start, start + n)
+    return {
+        "obs": obs,
+        "actions": np.arange(n) % 2,
+        "rewards": np.ones(n, np.float32),
+        "next_obs": obs + 1,
+        "dones": np.zeros(n, bool),
+    }
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[MemoryService]:
+    svc = MemoryService(Settings(data_dir=tmp_path, seed=0))
+    yield svc
+    svc.close()
+
+
+def reopen(service: MemoryService) -> MemoryService:
+    service.close()
+    return MemoryService(service.settings)
+
+
+def stored_firsts(service: MemoryService, name: str) -> list[int]:
+    return service.get(name).read(0, 10**6)["obs"][:, 0].astype(int).tolist()
+
+
+def test_reload_rebuilds_rings_with_the_eviction_window(service: MemoryService) -> None:
+    service.create("a", 3, capacity=25, embedding_dim=None, priority_alpha=0.6)
+    service.create("b", 3, capacity=1000, embedding_dim=None, priority_alpha=0.6)
+    for start in range(0, 60, 10):
+        service.store("a", arrays(10, start=start), None)
+    service.store("b", arrays(7), None)
+    reloaded = reopen(service)
+    try:
+        a = reloaded.get("a")
+        assert (a.ring.size, a.ring.oldest_id, a.ring.next_id) == (25, 35, 60)
+        assert stored_firsts(reloaded, "a") == list(range(35, 60))
+        assert stored_firsts(reloaded, "b") == list(range(7))
+        assert reloaded.store("a", arrays(5, start=60), None).first_id == 60
+        # Fully evicted segments were deleted from the log; the partly evicted one stays.
+        assert reloaded.log.stats()["segments"] == 4
+    finally:
+        reloaded.close()
+
+
+def test_idempotency_keys_are_remembered_across_restarts(service: MemoryService) -> None:
+    service.create("k", 3, capacity=None, embedding_dim=None, priority_alpha=0.6)
+    first = service.store("k", arrays(4), WriteKey("c1", 0))
+    assert (first.first_id, first.count, first.duplicate) == (0, 4, False)
+    reloaded = reopen(service)
+    try:
+        again = reloaded.store("k", arrays(4), WriteKey("c1", 0))
+        assert (again.first_id, again.count, again.duplicate) == (0, 4, True)
+        assert reloaded.store("k", arrays(4), WriteKey("c1", 1)).first_id == 4
+        older = reloaded.store("k", arrays(4), WriteKey("c1", 0))
+        assert older.duplicate and older.first_id is None
+        assert reloaded.get("k").ring.size == 8
+    finally:
+        reloaded.close()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"obs": np.zeros((4, 2), np.float32)}, r"obs: expected shape \[4, 3\]"),
+        ({"obs": np.zeros((4, 3), np.int64)}, "obs: dtype must be a float"),
+        ({"next_obs": np.full((4, 3), np.inf, np.float32)}, "next_obs: contains NaN or infinity"),
+        ({"obs": np.full((4, 3), 1e300)}, "beyond float32"),
+        ({"actions": np.zeros(4, np.float32)}, "actions: dtype must be an integer"),
+        ({"actions": np.full(4, 2**63, np.uint64)}, "int64 range"),
+        ({"actions": np.zeros((4, 1), np.int64)}, r"actions: expected shape \[B\]"),
+        ({"rewards": np.zeros(3, np.float32)}, r"rewards: expected shape \[4\]"),
+        ({"rewards": np.zeros(4, np.int64)}, "rewards: dtype must be a float"),
+        ({"dones": np.full(4, 0.5, np.float32)}, "dones: every value must be 0 or 1"),
+        ({"dones": np.array(["a"] * 4)}, "dones: dtype"),
+        ({"extra": np.zeros(4)}, "unexpected arrays: extra"),
+        ({"embeddings": np.zeros((4, 2), np.float32)}, "unexpected arrays: embeddings"),
+    ],
+)
+def test_invalid_batches_are_refused_and_change_nothing(
+    service: MemoryService, change: dict[str, np.ndarray], message: str
+) -> None:
+    service.create("v", 3, capacity=None, embedding_dim=None, priority_alpha=0.6)
+    service.store("v", arrays(4), None)
+    with pytest.raises(InvalidInput, match=message):
+        service.store("v", {**arrays(4), **change}, WriteKey("c", 5))
+    assert service.get("v").ring.next_id == 4 and service.log.stats()["segments"] == 1
+    assert not service.store("v", arrays(1), WriteKey("c", 5)).duplicate  # the key was not used up
+
+
+def test_missing_arrays_and_batch_size_limits(service: MemoryService) -> None:
+    service.create("m", 3, capacity=None, embedding_dim=None, priority_alpha=0.6)
+    with pytest.raises(InvalidInput, match="missing arrays: rewards"):
+        service.store("m", {k: v for k, v in arrays(2).items() if k != "rewards"}, None)
+    with pytest.raises(InvalidInput, match="1 to 65536"):
+        service.store("m", arrays(0), None)
+
+
+def test_unknown_empty_and_conflicting_collections(service: MemoryService) -> None:
+    with pytest.raises(NotFound, match="unknown collection 'x'"):
+        service.store("x", arrays(1), None)
+    service.create("e", 3, capacity=10, embedding_dim=None, priority_alpha=0.6)
+    _, created = service.create("e", 3, capacity=10, embedding_dim=None, priority_alpha=0.6)
+    assert not created
+    with pytest.raises(Conflict, match="exists with dim=3"):
+        service.create("e", 4, capacity=10, embedding_dim=None, priority_alpha=0.6)
+    with pytest.raises(Conflict, match="empty"):
+        service.get("e").sample(4, False, 0.4, service.rng)
+    with pytest.raises(InvalidInput, match="capacity"):
+        service.create("huge", 3, capacity=10**9, embedding_dim=None, priority_alpha=0.6)
+
+
+def test_several_batches_per_sample_each_normalised(service: MemoryService) -> None:
+    service.create("p", 3, capacity=None, embedding_dim=None, priority_alpha=1.0)
+    service.store("p", arrays(10), None)
+    collection = service.get("p")
+    collection.update_priorities(np.arange(10), np.arange(1, 11, dtype=np.float64))
+    drawn = collection.sample(8, True, 1.0, service.rng, batches=3)
+    assert drawn["ids"].shape == (24,)
+    weights = drawn["weights"].reshape(3, 8)
+    np.testing.assert_allclose(weights.max(axis=1), 1.0)
+    # w_i is proportional to 1 / p_i within a batch: the smallest priority gets weight 1.
+    for ids, w in zip(drawn["ids"].reshape(3, 8), weights):
+        np.testing.assert_allclose(w, (ids.min() + 1) / (ids + 1), rtol=1e-4)
+    uniform = collection.sample(5, False, 0.4, service.rng, batches=2)
+    assert uniform["weights"].tolist() == [1.0] * 10
+
+
+def test_priority_updates_reject_bad_ids_and_values(service: MemoryService) -> None:
+    service.create("q", 3, capacity=5, embedding_dim=None, priority_alpha=0.6)
+    service.store("q", arrays(8), None)
+    collection = service.get("q")
+    assert collection.update_priorities(np.array([0, 7]), np.array([1.0, 2.0])) == {
+        "updated": 1,
+        "evicted": 1,
+    }
+    with pytest.raises(InvalidInput, match="ids issued so far"):
+        collection.update_priorities(np.array([8]), np.array([1.0]))
+    with pytest.raises(InvalidInput, match="finite and >= 0"):
+        collection.update_priorities(np.array([7]), np.array([-1.0]))
+    with pytest.raises(InvalidInput, match="equal length"):
+        collection.update_priorities(np.array([7, 6]), np.array([1.0]))
+    with pytest.raises(InvalidInput, match="ids: dtype"):
+        collection.update_priorities(np.array([7.0]), np.array([1.0]))
+    assert collection.max_priority == pytest.approx(2.0, rel=1e-4)
+
+
+def test_search_flattens_hits_and_checks_queries(service: MemoryService) -> None:
+    service.create("s", 3, capacity=None, embedding_dim=None, priority_alpha=0.6)
+    service.store("s", arrays(6), None)
+    found = service.get("s").search(np.array([[0.1, 0, 0], [4.9, 0, 0]]), 2, max_queries=10)
+    assert found["query_index"].tolist() == [0, 0, 1, 1]
+    assert found["ids"].tolist() == [0, 1, 5, 4]
+    np.testing.assert_allclose(found["distances"], [0.1, 0.9, 0.1, 0.9], rtol=1e-5)
+    with pytest.raises(InvalidInput, match="1 to 10 query states"):
+        service.get("s").search(np.zeros((11, 3)), 2, max_queries=10)
+    with pytest.raises(InvalidInput, match=r"states: expected shape \[B, 3\]"):
+        service.get("s").search(np.zeros((1, 2)), 2, max_queries=10)
