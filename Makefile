@@ -7,7 +7,7 @@ PYTHON ?= python3
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: setup run test clean
+.PHONY: setup run quick repro test clean
 
 setup: $(STAMP)
 
@@ -17,11 +17,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# The main job: the whole pipeline (curriculum training, evaluation, searches, adaptation, export)
+# as a Prefect flow with no server, the Memory service on loopback, MLflow in ./mlruns.
 run: setup
-	$(BIN)/lagent train --params configs/cartpole.yaml --run-dir runs/cartpole --force
+	$(BIN)/lagent pipeline
+
+quick: setup
+	$(BIN)/lagent pipeline --quick
+
+# The same stages through DVC (python on PATH must be the venv's).
+repro: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
 test: setup
 	$(BIN)/pytest
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache models metrics plots reports results memory-data

@@ -6,6 +6,15 @@ The public API is every class the spec names; see ``README.md`` for a tour.
 from agent.checkpoint import CheckpointError
 from agent.config import Config, ConfigError, load_config
 from agent.dqn import LearningAgent, TrainingDivergedError
+from agent.memory_client import MemoryClient
+from agent.meta import (
+    AdaptationResult,
+    MetaLearningError,
+    MetaLearningManager,
+    OptimizationConfig,
+    OptimizationType,
+    SearchResult,
+)
 from agent.metrics import InMemorySink, MetricsSink, TensorBoardSink
 from agent.network import LearningNetwork, NetworkArchitecture
 from agent.replay import ExperienceBuffer, Transitions
@@ -53,6 +62,13 @@ __all__ = [
     "InMemorySink",
     "LearningAgent",
     "LearningNetwork",
+    "MemoryClient",
+    "AdaptationResult",
+    "MetaLearningError",
+    "MetaLearningManager",
+    "OptimizationConfig",
+    "OptimizationType",
+    "SearchResult",
     "MetricsSink",
     "NetworkArchitecture",
     "TensorBoardSink",

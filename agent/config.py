@@ -4,6 +4,8 @@ Every default lives in ``params.yaml``; the models below declare types and bound
 so there is exactly one place to change a default. Layers are applied in order:
 
 1. the project's ``params.yaml`` (``$LAGENT_PARAMS`` points elsewhere),
+1b. the ``profiles`` entry of the chosen task (``train.task``), if params.yaml has one: the
+   settings that task needs beyond the project-wide defaults (see :func:`task_profile`),
 2. any number of params.yaml-shaped files (partial files are fine: they override what they name),
 3. ``section.key=value`` overrides (the CLI's ``--set``; values are parsed as YAML),
 4. keyword arguments of the Python API (applied by the caller with :func:`with_overrides`).
@@ -17,13 +19,14 @@ import difflib
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS_PATH = PROJECT_ROOT / "params.yaml"
+PROFILES = "profiles"  # params.yaml's per-task settings, see task_profile()
 
 
 class ConfigError(ValueError):
@@ -50,6 +53,8 @@ class NetworkConfig(_Section):
     """Units per hidden layer (the spec's default is 256)."""
     num_hidden_layers: int = Field(ge=1, le=16)
     """How many hidden layers of ``hidden_size`` units."""
+    hidden_layers: Annotated[tuple[Annotated[int, Field(ge=1)], ...], Field(min_length=1, max_length=16)] | None
+    """Explicit per-layer widths (what architecture search finds); when set, the two keys above are unused."""
     activation: Literal["relu", "tanh", "elu", "leaky_relu", "gelu", "silu"]
     """Activation after each hidden layer."""
     dropout: float = Field(ge=0.0, lt=1.0)
@@ -70,6 +75,8 @@ class ReplayConfig(_Section):
 class TrainConfig(_Section):
     task: str
     """A task type (navigation, exploration, multi_agent, manipulation) or a Gymnasium env id."""
+    use_curriculum: bool
+    """Walk a task type through the curriculum's stages (params ``curriculum``; the CLI's --curriculum)."""
     learning_rate: float = Field(gt=0.0)
     """Adam step size."""
     gamma: float = Field(ge=0.0, le=1.0)
@@ -149,6 +156,24 @@ class MemoryConfig(_Section):
     """Seconds to wait for a connection: short, so that a down service costs almost nothing."""
     collection: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     """Collection that keeps this run's transitions apart from other tasks and agents."""
+    capacity: int | None = Field(ge=1)
+    """Transitions the collection keeps (oldest evicted first) if this run creates it; null: the
+    service's default (1M)."""
+    prioritized: bool
+    """Draw memory batches in proportion to priority (|TD error|) and send new priorities back."""
+    priority_beta: float = Field(ge=0.0, le=1.0)
+    """Importance-weight exponent of prioritized memory batches (1 corrects the bias fully)."""
+    max_outbox_mb: float = Field(gt=0.0)
+    """Disk the client may fill with writes while the service is down; past it, rows are dropped
+    (and counted in memory/dropped)."""
+    flush_timeout: float = Field(ge=0.0)
+    """Seconds a run waits at its end for queued writes to reach the service; what is left stays in
+    the outbox and is delivered by the next client that opens it."""
+    autostart: bool
+    """Start ``python -m memory`` on loopback when nothing answers at a loopback ``base_url``
+    (CLI and flows; stopped again when the run ends)."""
+    data_dir: str = Field(min_length=1)
+    """Durable log directory of a service started that way (relative to the working directory)."""
 
 
 class Config(_Section):
@@ -220,7 +245,8 @@ def _check_keys(update: Mapping[str, Any], known: Mapping[str, Any], source: str
             close = difflib.get_close_matches(dotted, candidates, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"{source}: unknown key '{dotted}'{hint}")
-        if isinstance(value, Mapping) and isinstance(known[key], Mapping):
+        # An empty mapping in the defaults (a stage's completion_criteria) is open: any key goes.
+        if isinstance(value, Mapping) and isinstance(known[key], Mapping) and known[key]:
             _check_keys(value, known[key], source, dotted + ".")
 
 
@@ -258,17 +284,67 @@ def load_raw(
             f"default params file {base_path} not found: run from a checkout of the project "
             "or set LAGENT_PARAMS"
         )
-    data = _read_yaml(base_path)
+    base = _read_yaml(base_path)
+    _check_profiles(base.get(PROFILES), base, str(base_path))
+    layers: list[dict[str, Any]] = []
+    data = base
     for file in params_files:
         layer = _read_yaml(Path(file))
-        _check_keys(layer, data, str(file))
+        _check_layer(layer, data, str(file))
+        layers.append(layer)
         data = _deep_merge(data, layer)
     for override in overrides:
         layer = parse_override(override) if isinstance(override, str) else dict(override)
         source = f"override '{override}'" if isinstance(override, str) else "keyword arguments"
-        _check_keys(layer, data, source)
+        _check_layer(layer, data, source)
+        layers.append(layer)
         data = _deep_merge(data, layer)
+    profile = task_profile(data)
+    if profile:  # the chosen task's profile sits between the defaults and every other layer
+        data = _deep_merge(base, profile)
+        for layer in layers:
+            data = _deep_merge(data, layer)
     return data
+
+
+def task_profile(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``profiles`` entry of the task ``data`` trains on (``train.task``), or {} if none.
+
+    A profile holds the settings a task needs that differ from the project-wide defaults (for
+    example the navigation curriculum's completion criteria); it is applied on top of
+    ``params.yaml`` when that task is chosen, and under ``--params`` files and ``--set``.
+    Keys are task names as ``train.task`` gives them (case-insensitive).
+    """
+    profiles = data.get(PROFILES) or {}
+    task = str(data.get("train", {}).get("task", "")).lower()
+    for name, profile in profiles.items():
+        if str(name).lower() == task:
+            return dict(profile or {})
+    return {}
+
+
+def _check_profiles(profiles: Any, known: Mapping[str, Any], source: str) -> None:
+    """Every profile must be a mapping of known keys; it may not choose the task or nest profiles."""
+    if profiles is None:
+        return
+    if not isinstance(profiles, Mapping):
+        raise ConfigError(f"{source}: '{PROFILES}' must map task names to settings, got {type(profiles).__name__}")
+    sections = {k: v for k, v in known.items() if k != PROFILES}
+    for task, profile in profiles.items():
+        where = f"{source}: {PROFILES}.{task}"
+        if profile is None:
+            continue
+        if not isinstance(profile, Mapping):
+            raise ConfigError(f"{where} must be a mapping of sections, got {type(profile).__name__}")
+        if PROFILES in profile or "task" in (profile.get("train") or {}):
+            raise ConfigError(f"{where} may not set '{PROFILES}' or 'train.task' (it is chosen by the task)")
+        _check_keys(profile, sections, where)
+
+
+def _check_layer(layer: Mapping[str, Any], known: Mapping[str, Any], source: str) -> None:
+    """Check a layer's keys; its ``profiles`` may add tasks, each checked like a layer."""
+    _check_keys({k: v for k, v in layer.items() if k != PROFILES}, known, source)
+    _check_profiles(layer.get(PROFILES), known, source)
 
 
 def collect_overrides(
@@ -282,18 +358,18 @@ def collect_overrides(
     named: dict[str, Any] = {}
     for file in params_files:
         layer = _read_yaml(Path(file))
-        _check_keys(layer, known, str(file))
+        _check_layer(layer, known, str(file))
         named = _deep_merge(named, layer)
     for text in overrides:
         layer = parse_override(text)
-        _check_keys(layer, known, f"override '{text}'")
+        _check_layer(layer, known, f"override '{text}'")
         named = _deep_merge(named, layer)
     return named
 
 
-def _format_validation_error(exc: ValidationError, source: str) -> str:
+def _format_validation_error(exc: ValidationError, source: str, prefix: str | None = None) -> str:
     first = exc.errors()[0]
-    where = ".".join(str(p) for p in first["loc"])
+    where = ".".join(str(p) for p in ([prefix] if prefix else []) + list(first["loc"]))
     more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
     return f"{source}: {where}: {first['msg']} (got {first.get('input')!r}){more}"
 
@@ -309,11 +385,14 @@ def load_config(
     core = {name: data[name] for name in Config.model_fields if name in data}
     try:
         config = Config.model_validate(core)
-        for name, model in _EXTRA_SECTIONS.items():
-            if name in data:
-                model.model_validate(data[name])
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, "configuration")) from None
+    for name, model in _EXTRA_SECTIONS.items():
+        if name in data:
+            try:
+                model.model_validate(data[name])
+            except ValidationError as exc:  # name the section: "configuration: meta.pruner: ..."
+                raise ConfigError(_format_validation_error(exc, "configuration", prefix=name)) from None
     return config
 
 

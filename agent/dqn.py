@@ -66,7 +66,7 @@ class LearningAgent:
         self.config = with_overrides(
             base,
             run={k: v for k, v in {"device": device, "seed": seed}.items() if v is not None},
-            network={"hidden_size": hidden_size} if hidden_size is not None else None,
+            network={"hidden_size": hidden_size, "hidden_layers": None} if hidden_size is not None else None,
             replay={"local_buffer_size": local_buffer_size} if local_buffer_size is not None else None,
             train={
                 **{
@@ -89,7 +89,7 @@ class LearningAgent:
         self.architecture = architecture or NetworkArchitecture(
             input_dim=self.input_size,
             output_dim=self.output_size,
-            hidden_layers=(cfg.network.hidden_size,) * cfg.network.num_hidden_layers,
+            hidden_layers=cfg.network.hidden_layers or (cfg.network.hidden_size,) * cfg.network.num_hidden_layers,
             activation=cfg.network.activation,
             dropout=cfg.network.dropout,
             dueling=cfg.network.dueling,
@@ -117,6 +117,7 @@ class LearningAgent:
         self._params = list(self.q_network.parameters())
         self._target_params = list(self.target_network.parameters())
         self.last_similar_count = 0
+        self._warned_dim = False
         self._zero = torch.zeros((), device=self.device)
         self._numpy_policy = (
             NumpyPolicy(self.q_network) if NumpyPolicy.supports(self.q_network) else None
@@ -203,6 +204,11 @@ class LearningAgent:
     # ------------------------------------------------------------------ learning
 
     def _per_sample_loss(self, batch: Transitions, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, q_taken, _ = self._td_loss(batch, gamma)
+        return loss, q_taken
+
+    def _td_loss(self, batch: Transitions, gamma: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-sample loss, Q(s, a) and the TD error (detached: priorities of the memory rows)."""
         q_all = self.q_network(batch.obs)
         q_taken = q_all.gather(1, batch.actions.unsqueeze(1)).squeeze(1)
         with torch.no_grad():
@@ -217,7 +223,7 @@ class LearningAgent:
             loss = F.smooth_l1_loss(q_taken, target, reduction="none")
         else:
             loss = F.mse_loss(q_taken, target, reduction="none")
-        return loss, q_taken
+        return loss, q_taken, (q_taken.detach() - target)
 
     def _gradient_step(
         self,
@@ -225,8 +231,10 @@ class LearningAgent:
         extra: Transitions | None,
         extra_weights: torch.Tensor | None,
         gamma: float,
-    ) -> tuple[torch.Tensor, ...]:
-        """One update on the local batch plus an optional memory batch; returns detached stats."""
+    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
+        """One update on the local batch plus an optional memory batch; returns detached stats
+        and the TD errors of the memory rows (None without them)."""
+        extra_td = None
         if extra is None:
             per_sample, q_taken = self._per_sample_loss(local, gamma)
             local_loss = per_sample.mean()
@@ -235,8 +243,9 @@ class LearningAgent:
         else:
             # One forward pass over both batches, two losses reported apart.
             joined = Transitions(*(torch.cat([a, b]) for a, b in zip(local, extra)))
-            per_sample, q_taken = self._per_sample_loss(joined, gamma)
+            per_sample, q_taken, td = self._td_loss(joined, gamma)
             n_local = local.obs.shape[0]
+            extra_td = td[n_local:]
             local_loss = per_sample[:n_local].mean()
             memory_part = per_sample[n_local:]
             memory_loss = (memory_part * extra_weights).mean() if extra_weights is not None else memory_part.mean()
@@ -244,7 +253,8 @@ class LearningAgent:
         grad_norm = self.optimizer.step(total, self.config.train.max_grad_norm)
         self.training_steps += 1
         self._maybe_update_target()
-        return total.detach(), local_loss.detach(), memory_loss.detach(), q_taken.detach().mean(), grad_norm
+        stats = (total.detach(), local_loss.detach(), memory_loss.detach(), q_taken.detach().mean(), grad_norm)
+        return stats, extra_td
 
     def _maybe_update_target(self) -> None:
         train = self.config.train
@@ -258,30 +268,63 @@ class LearningAgent:
         with torch.no_grad():
             torch._foreach_copy_(self._target_params, self._params)
 
+    def _fits(self, obs: np.ndarray, what: str) -> bool:
+        """False (logged once) for rows of another observation size: a collection shared by
+        mistake with another task must not crash training, nor poison it."""
+        if obs.ndim == 2 and obs.shape[1] == self.input_size:
+            return True
+        if not self._warned_dim:
+            self._warned_dim = True
+            log.error(
+                "Memory service %s rows have %s features, this agent %d: ignoring them "
+                "(is memory.collection shared with another task?)",
+                what, obs.shape[1:] or "no", self.input_size,
+            )
+        return False
+
     async def _memory_batch(
         self, memory_client: Any
     ) -> tuple[Transitions | None, torch.Tensor | None, Any]:
         size = self.config.replay.memory_batch_size
         if memory_client is None or size == 0:
             return None, None, None
-        batch = await memory_client.get_replay_batch(size)
-        if batch is None or len(batch.ids) == 0:
+        memory = self.config.memory
+        batch = await memory_client.get_replay_batch(
+            size, prioritized=memory.prioritized, beta=memory.priority_beta
+        )
+        if batch is None or len(batch.ids) == 0 or not self._fits(batch.obs, "replay"):
             return None, None, None
         weights = torch.as_tensor(batch.weights, dtype=torch.float32, device=self.device)
         return _transitions_from_numpy(batch, self.device), weights, batch
 
-    async def _similar_batch(self, memory_client: Any, local: Transitions) -> Transitions | None:
-        """Stored neighbours of the batch's states: past experience that bears on the present."""
+    async def _similar_batches(self, memory_client: Any, local: Transitions) -> list[Transitions | None]:
+        """Stored neighbours of each step's local states: past experience that bears on the present.
+
+        ``local`` holds the batches of every gradient step ([G, B, ...]); the first
+        ceil(similar_batch_size / k) states of each are the queries, all sent in one search
+        request (one round trip per training call, not per step), and each step gets the
+        ``similar_batch_size`` neighbours of its own queries.
+        """
+        steps = local.obs.shape[0]
         size = self.config.replay.similar_batch_size
         if memory_client is None or size == 0:
-            return None
+            return [None] * steps
         k = min(size, 5)
-        queries = local.obs[: -(-size // k)].cpu().numpy()
+        per_step = min(-(-size // k), local.obs.shape[1])
+        queries = local.obs[:, :per_step].reshape(-1, self.input_size).cpu().numpy()
         found = await memory_client.search_similar(queries, k=k)
-        if found is None or len(found.batch.ids) == 0:
-            return None
-        self.last_similar_count = min(size, len(found.batch.ids))
-        return Transitions(*(t[:size] for t in _transitions_from_numpy(found.batch, self.device)))
+        if found is None or len(found.batch.ids) == 0 or not self._fits(found.batch.obs, "similar"):
+            return [None] * steps
+        rows = _transitions_from_numpy(found.batch, self.device)
+        # Answers come in query order (k per query, fewer if the collection is tiny).
+        counts = np.bincount(np.asarray(found.query_index) // per_step, minlength=steps)
+        starts = np.concatenate(([0], np.cumsum(counts)))
+        batches: list[Transitions | None] = []
+        for step in range(steps):
+            first, stop = int(starts[step]), int(min(starts[step + 1], starts[step] + size))
+            batches.append(Transitions(*(t[first:stop] for t in rows)) if stop > first else None)
+        self.last_similar_count = max((b.obs.shape[0] for b in batches if b is not None), default=0)
+        return batches
 
     async def learn_from_experiences(
         self,
@@ -301,15 +344,17 @@ class LearningAgent:
         gamma = self.config.train.gamma if gamma is None else float(gamma)
         local = self.buffer.sample(batch_size, num_batches=gradient_steps)
         records: list[torch.Tensor] = []
-        memory_steps = 0
+        memory_steps = similar_rows = 0
         if self._uses_dropout:
             self.q_network.train()
         try:
+            similar_batches = await self._similar_batches(memory_client, local)
             for step in range(gradient_steps):
                 batch = Transitions(*(t[step] for t in local))
                 extra, weights, raw = await self._memory_batch(memory_client)
-                similar = await self._similar_batch(memory_client, batch)
+                similar = similar_batches[step]
                 if similar is not None:
+                    similar_rows += similar.obs.shape[0]
                     ones = torch.ones(similar.obs.shape[0], device=self.device)
                     if extra is None:
                         extra, weights = similar, ones
@@ -317,10 +362,13 @@ class LearningAgent:
                         extra = Transitions(*(torch.cat([a, b]) for a, b in zip(extra, similar)))
                         weights = torch.cat([weights, ones])
                 memory_steps += extra is not None
-                stats = self._gradient_step(batch, extra, weights, gamma)
+                stats, extra_td = self._gradient_step(batch, extra, weights, gamma)
                 records.extend(stats)
-                if raw is not None and getattr(raw, "prioritized", False):
-                    await self._update_priorities(memory_client, extra, raw, gamma)
+                if raw is not None and extra_td is not None and self.config.memory.prioritized:
+                    # The memory rows come first in ``extra``; similar rows are not sampled by
+                    # priority, so they send none back.
+                    priorities = extra_td[: len(raw.ids)].abs().cpu().numpy() + 1e-6
+                    await memory_client.update_priorities(raw.ids, priorities)
         finally:
             if self._uses_dropout:
                 self.q_network.eval()
@@ -338,13 +386,8 @@ class LearningAgent:
             "q_mean": q_mean,
             "grad_norm": grad_norm,
             "memory_batches": float(memory_steps),
+            "similar_rows": similar_rows / gradient_steps,
         }
-
-    async def _update_priorities(self, memory_client: Any, batch: Transitions, raw: Any, gamma: float) -> None:
-        with torch.no_grad():
-            per_sample, _ = self._per_sample_loss(batch, gamma)
-        n = len(raw.ids)
-        await memory_client.update_priorities(raw.ids, per_sample[:n].cpu().numpy() + 1e-6)
 
     # ------------------------------------------------------------------ state
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import random
 import re
 import shutil
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 
 _OUTBOX_SUFFIX = ".mwb"
 _MAX_PRIORITY_UPDATES_IN_FLIGHT = 8
+_MAX_QUERIES = 4096  # query states per search request (memory.settings.Settings.max_queries)
 _T = TypeVar("_T")
 _BATCH_FIELDS = ("ids", "obs", "actions", "rewards", "next_obs", "dones", "weights")
 _COLLECTION_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -264,16 +266,23 @@ class MemoryClient:
         flush_interval: float = 0.05,
         max_outbox_bytes: int = 1 << 30,
         prefetch: bool = True,
-        prefetch_batches: int = 4,
+        prefetch_batches: int = 16,
         failure_threshold: int = 3,
         breaker_reset: float = 0.25,
         breaker_max_reset: float = 2.0,
+        close_timeout: float = 5.0,
     ) -> None:
         """``timeout`` bounds a write; reads use ``read_timeout`` (default min(timeout, 5 s)),
         because a learner should never wait 30 s for a replay batch it can do without.
-        ``capacity`` is used only if this client creates the collection."""
+        ``capacity`` is used only if this client creates the collection. ``token`` defaults to
+        the environment variable ``MEMORY_TOKEN``, as the service's does. ``outbox_dir`` keeps
+        undelivered writes across processes (default: a temporary directory, removed once
+        drained). ``close_timeout`` is how long :meth:`close` waits to deliver queued writes."""
         if not _COLLECTION_NAME.fullmatch(collection):
             raise ValueError(f"collection name {collection!r}: use 1-64 of A-Z a-z 0-9 _ . -")
+        if token is None:
+            token = os.environ.get("MEMORY_TOKEN") or None
+        self.close_timeout = close_timeout
         self.base_url = base_url.rstrip("/")
         self.collection = collection
         self.capacity = capacity
@@ -339,25 +348,55 @@ class MemoryClient:
         self._writer.start()
 
     # ----------------------------------------------------------------------------- lifecycle
+    @classmethod
+    def from_config(
+        cls, config: Any, *, outbox_dir: str | Path | None = None, **overrides: Any
+    ) -> MemoryClient:
+        """A client for the ``memory`` section of params.yaml (a :class:`~agent.config.Config` or
+        its ``memory`` section); keyword arguments override single settings."""
+        memory = getattr(config, "memory", config)
+        settings: dict[str, Any] = {
+            "timeout": memory.timeout,
+            "connect_timeout": memory.connect_timeout,
+            "collection": memory.collection,
+            "capacity": memory.capacity,
+            "max_outbox_bytes": int(memory.max_outbox_mb * 2**20),
+            "close_timeout": memory.flush_timeout,
+            "outbox_dir": outbox_dir,
+        }
+        settings.update(overrides)
+        return cls(memory.base_url, **settings)
+
     async def __aenter__(self) -> MemoryClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def close(self, flush_timeout: float = 5.0) -> None:
-        """Deliver what is queued (up to ``flush_timeout`` seconds), then stop the threads.
+    async def close(self, flush_timeout: float | None = None) -> None:
+        """Deliver what is queued (up to ``flush_timeout`` seconds, default ``close_timeout``),
+        then stop the threads.
 
         Anything still undelivered stays in the outbox directory; a client opened on that
         directory later delivers it.
         """
+        await asyncio.to_thread(self.shutdown, flush_timeout)
+
+    def shutdown(self, flush_timeout: float | None = None) -> bool:
+        """:meth:`close` for code without an event loop (the CLI, a Prefect task); True if every
+        queued write was delivered."""
         if self._closed:
-            return
-        drained = await self.flush(flush_timeout)
+            return not len(self._outbox)
+        timeout = self.close_timeout if flush_timeout is None else flush_timeout
+        self._spool_partial()
+        drained = not len(self._outbox)
+        if not drained:
+            self._wake.set()
+            drained = self._wait_drained(timeout)
         self._closed = True
         self._stopping.set()
         self._wake.set()
-        await asyncio.to_thread(self._writer.join, 5.0)
+        self._writer.join(5.0)
         self._reader.shutdown(wait=True, cancel_futures=True)
         self._write_http.close()
         self._read_http.close()
@@ -369,6 +408,7 @@ class MemoryClient:
                 self._outbox.rows,
                 self._outbox.directory,
             )
+        return drained
 
     def _count(self, name: str, n: int = 1) -> None:
         with self._count_lock:
@@ -807,17 +847,28 @@ class MemoryClient:
             self._count("priority_updates_skipped")
 
     def _search(self, states: np.ndarray, k: int) -> SimilarExperiences | None:
-        if self._breaker.is_open:
-            return None
-        response = self._read(
-            "POST",
-            f"/v1/collections/{self.collection}/search",
-            params={"k": k},
-            content=wire.encode({"states": states}),
-            headers={"content-type": wire.CONTENT_TYPE, "accept": wire.CONTENT_TYPE},
-        )
-        arrays = self._arrays(response, "search", ("distances", "query_index", *_BATCH_FIELDS[:-1]))
-        if arrays is None or len(arrays["ids"]) == 0:
+        """One request per ``_MAX_QUERIES`` states (the service's default limit), joined."""
+        parts: list[dict[str, np.ndarray]] = []
+        for start in range(0, len(states), _MAX_QUERIES):
+            if self._breaker.is_open:
+                return None
+            response = self._read(
+                "POST",
+                f"/v1/collections/{self.collection}/search",
+                params={"k": k},
+                content=wire.encode({"states": states[start : start + _MAX_QUERIES]}),
+                headers={"content-type": wire.CONTENT_TYPE, "accept": wire.CONTENT_TYPE},
+            )
+            fields = ("distances", "query_index", *_BATCH_FIELDS[:-1])
+            arrays = self._arrays(response, "search", fields)
+            if arrays is None:
+                return None
+            arrays["query_index"] = arrays["query_index"] + start
+            parts.append(arrays)
+        arrays = parts[0] if len(parts) == 1 else {
+            name: np.concatenate([part[name] for part in parts]) for name in parts[0]
+        }
+        if len(arrays["ids"]) == 0:
             return None
         return SimilarExperiences(_batch_from(arrays), arrays["distances"], arrays["query_index"])
 

@@ -84,6 +84,8 @@ class TrainingManager:
         overrides = dict(training_config or {})
         if task_type is not None:
             overrides["task"] = task_name(task_type)
+        if use_curriculum or curriculum is not None:
+            overrides["use_curriculum"] = True  # recorded in the run's config and checkpoints
         self.config: Config = with_overrides(learning_agent.config, train=overrides)
         self.agent.config = self.config  # the agent reads gamma, targets, clipping from it
         self.agent.set_learning_rate(self.config.train.learning_rate)
@@ -92,15 +94,19 @@ class TrainingManager:
         self.task_params = task_params
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.curriculum: CurriculumManager | None = None
-        if use_curriculum or curriculum is not None:
+        if self.config.train.use_curriculum:
             if TaskType.parse(self.task) is None:
                 raise ValueError(
                     f"curriculum learning needs a task type ({', '.join(t.value for t in TaskType)}), "
                     f"not '{self.task}'"
                 )
-            self.curriculum = curriculum or CurriculumManager()
+            self.curriculum = curriculum or CurriculumManager.for_task(self.task)
             self.task_params = self.curriculum.get_current_parameters()
         self.stage_transitions: list[dict[str, Any]] = []
+        # Called with each stage transition (from, to, step, episode, wall_seconds): the CLI prints it.
+        self.on_stage_transition: Callable[[Mapping[str, Any]], None] | None = None
+        self.train_seconds = 0.0  # wall time spent in train(), over every call and resume
+        self._train_started: float | None = None
         self.meta = None
         if use_meta_learning or meta_config is not None:
             self.meta = self._make_meta(meta_config)
@@ -165,6 +171,47 @@ class TrainingManager:
             return meta_config
         return MetaLearningManager(base_config=meta_config, config=self.config)
 
+    def _meta_manager(self) -> Any:
+        """The trainer's MetaLearningManager, created on first use."""
+        if self.meta is None:
+            self.meta = self._make_meta(None)
+        return self.meta
+
+    # ------------------------------------------------------------------ meta-learning
+
+    async def optimize_hyperparameters(self, options: Any = None, **kwargs: Any) -> dict[str, Any]:
+        """Search this task's learning hyperparameters with Optuna, starting from this config.
+
+        Returns the best values as a params.yaml-shaped overlay (``{"train": {...}, ...}``); they
+        are kept, with the search's record, in this trainer's checkpoints. The live agent is not
+        changed (a new buffer size or network needs a new agent).
+        """
+        return await self._meta_manager().optimize_hyperparameters(
+            self.task, options=options, config=self.config, task_params=self.task_params, **kwargs
+        )
+
+    async def optimize_architecture(
+        self, input_dim: int | None = None, output_dim: int | None = None, options: Any = None, **kwargs: Any
+    ) -> NetworkArchitecture | None:
+        """Search network shapes for this task; returns the best ``NetworkArchitecture``."""
+        return await self._meta_manager().optimize_architecture(
+            self.task, input_dim, output_dim, options=options, config=self.config,
+            task_params=self.task_params, **kwargs,
+        )
+
+    async def adapt_to_new_task(
+        self, source_task: Any, target_task: Any, timesteps: int | None = None, **kwargs: Any
+    ) -> Any:
+        """Move a policy to ``target_task``: transfer the layers that fit, fine-tune, validate.
+
+        ``source_task`` is this trainer's task (its agent is the source policy; named variants such
+        as ``navigation_simple`` work), a run directory or a checkpoint. Returns an
+        ``AdaptationResult`` with the adapted policy's target reward next to a from-scratch one.
+        """
+        return await self._meta_manager().adapt_to_new_task(
+            source_task, target_task, timesteps=timesteps, trainer=self, **kwargs
+        )
+
     def _check_dimensions(self, envs: gym.vector.VectorEnv) -> None:
         obs_dim = int(np.prod(envs.single_observation_space.shape))
         n_actions = int(envs.single_action_space.n)
@@ -201,12 +248,15 @@ class TrainingManager:
         total_timesteps: int | None = None,
         *,
         progress: ProgressCallback | None = None,
+        optimize_interval: int | None = None,
     ) -> dict[str, Any]:
         """Train until the episode or step budget is reached; returns a summary.
 
         With neither argument the budgets come from the config (``train.max_episodes`` and
         ``train.total_timesteps``, whichever is reached first); an argument replaces both.
         Budgets count from the start of the run, so a resumed run finishes the same budget.
+        ``optimize_interval=N`` runs a short search every N episodes on copies of the live agent
+        and applies the best learning settings it finds (see ``MetaLearningManager.optimize_online``).
         """
         train = self.config.train
         if n_episodes is None and total_timesteps is None:
@@ -228,7 +278,9 @@ class TrainingManager:
         self._stop_requested = False
         self._window_start = (time.perf_counter(), self.global_step)
         start_step, started = self.global_step, time.perf_counter()
+        self._train_started, seconds_before = started, self.train_seconds
         yield_to_loop = self.memory_client is not None
+        meta = self._meta_manager() if optimize_interval else None
         while budget_left() and not self._stop_requested:
             await self._step()
             if self._steps_since_train >= train.train_freq and self.global_step >= train.learning_starts:
@@ -243,10 +295,13 @@ class TrainingManager:
                 self._log_window(progress, max_steps, max_episodes)
             if train.eval_frequency and self.global_step >= self._next_eval:
                 await self._periodic_evaluation()
+            if meta is not None and meta.online_due(self.episodes_done, optimize_interval):
+                await meta.optimize_online(self)
             if yield_to_loop:
                 await asyncio.sleep(0)  # let the memory client's I/O make progress
         self._log_window(progress, max_steps, max_episodes)
         elapsed = time.perf_counter() - started
+        self.train_seconds, self._train_started = seconds_before + elapsed, None
         if self.run_dir is not None:
             self.save_checkpoint(self.run_dir / "checkpoints" / "last.pt")
             self.write_episode_log(self.run_dir / "episodes.csv")
@@ -366,7 +421,9 @@ class TrainingManager:
         """The curriculum moved on: rebuild the environments at the new stage's parameters."""
         assert self.curriculum is not None
         transition = dict(self.curriculum.transitions[-1])
-        transition.update(global_step=self.global_step, training_episode=self.episodes_done)
+        transition.update(
+            global_step=self.global_step, training_episode=self.episodes_done, wall_seconds=self.elapsed_seconds()
+        )
         self.stage_transitions.append(transition)
         log.info("curriculum: %s -> %s at step %d", transition.get("from"), transition.get("to"), self.global_step)
         if self.run_dir is not None:
@@ -376,6 +433,8 @@ class TrainingManager:
         self._rebuild_envs()
         self._obs, _ = self.envs.reset(seed=self.config.run.seed + 7919 * self.curriculum.current_index)
         self.metrics.log_metrics({"curriculum/stage": float(self.curriculum.current_index)}, self.global_step)
+        if self.on_stage_transition is not None:
+            self.on_stage_transition(transition)
 
     def _rebuild_envs(self) -> None:
         """New environments for ``self.task_params``; the reward manager and its metrics carry over."""
@@ -395,6 +454,11 @@ class TrainingManager:
         if not self.config.train.eval_frequency and recent > self.best_recent_mean:
             self.best_recent_mean = recent
             self.save_checkpoint(self.run_dir / "checkpoints" / "best_model.pt", include_run_state=False)
+
+    def elapsed_seconds(self) -> float:
+        """Wall time spent training so far, this call included (resumed runs add up)."""
+        running = time.perf_counter() - self._train_started if self._train_started is not None else 0.0
+        return self.train_seconds + running
 
     def recent_mean_reward(self, window: int = _RECENT) -> float:
         recent = self.episode_rewards[-window:]
@@ -607,6 +671,7 @@ class TrainingManager:
             "pending_reset": torch.from_numpy(self._pending_reset.copy()),
             "torch_rng": torch.get_rng_state(),
             "stage_transitions": self.stage_transitions,
+            "train_seconds": self.elapsed_seconds(),
             "env": capture_env_state(self.envs),
         }
 
@@ -670,6 +735,7 @@ class TrainingManager:
         self.actions_taken = int(state["actions_taken"])
         torch.set_rng_state(state["torch_rng"])
         self.stage_transitions = list(state.get("stage_transitions", []))
+        self.train_seconds = float(state.get("train_seconds", 0.0))
         if restore_env_state(self.envs, state["env"]):
             self._obs = state["obs"].numpy().copy()
             self._ep_return = state["ep_return"].numpy().copy()
@@ -709,6 +775,12 @@ class TrainingManager:
             architecture.input_dim, architecture.output_dim, config=config, architecture=architecture
         )
         trainer_kwargs.setdefault("use_curriculum", "curriculum" in document)
+        if trainer_kwargs["use_curriculum"] and "curriculum" in document and "curriculum" not in trainer_kwargs:
+            # The run's own stages and thresholds, not today's params.yaml.
+            try:
+                trainer_kwargs["curriculum"] = CurriculumManager.from_state(document["curriculum"])
+            except ValueError as exc:
+                raise CheckpointError(f"{path}: {exc}") from None
         if "task_params" in document and not trainer_kwargs["use_curriculum"]:
             trainer_kwargs.setdefault("task_params", TaskParameters.coerce(document["task_params"]))
         if "meta" in document:

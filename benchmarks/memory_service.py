@@ -1,13 +1,16 @@
 """Memory service throughput and search quality, against a service started here on loopback.
 
     python benchmarks/memory_service.py            # full run: search at 100k and 1M states
-    python benchmarks/memory_service.py --quick    # a short run while developing
+    python benchmarks/memory_service.py --quick    # tiny sizes: checks that every part runs
 
 Measures stored transitions/s (batched binary bodies, durable before the answer), replay batches/s
 at B=32 and B=256, and k=5 search latency p50/p99 with recall@5 against exact search, on 32-d
 states that arrive in trajectory order (random walks), the order that defeats incremental HNSW.
-Prints one table with DeepMind Reverb's figures measured on this machine class for reference
-(dm-reverb does not install beside our numpy). Run by hand, never in CI.
+Prints one table beside DeepMind Reverb: measured side by side in this process if ``dm-reverb``
+(with TensorFlow) imports, else its figures measured on this machine class (dm-reverb 0.14 needs
+TensorFlow 2.15 and an older numpy, so it does not install beside this project). ``--quick`` uses
+20k search states and an exact-search limit of 5k, so the IVF path runs too; its figures mean
+nothing. Run by hand, never in CI.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_service(data: Path, port: int) -> subprocess.Popen[bytes]:
+def start_service(data: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(
         [
             sys.executable,
@@ -57,6 +60,7 @@ def start_service(data: Path, port: int) -> subprocess.Popen[bytes]:
             str(data),
             "--log-level",
             "warning",
+            *extra,
         ],
         cwd=Path(__file__).resolve().parents[1],
     )
@@ -210,22 +214,83 @@ def bench_search(http: httpx.Client, size: int, queries: int) -> dict[str, float
     }
 
 
+def reverb_side_by_side(seconds: float, rows: int) -> dict[str, float] | None:
+    """Reverb's insert rate and sampled batches/s on the same transitions, if dm-reverb imports.
+
+    A uniform FIFO table of single-step items (one item per transition, as a DQN replay holds
+    them), written with a trajectory writer and sampled through ``TrajectoryDataset``, Reverb's
+    own fast path. Not exercised on this machine class: dm-reverb does not install here.
+    """
+    try:
+        import reverb  # type: ignore[import-not-found]
+        import tensorflow as tf  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    data = transitions(np.random.default_rng(2), rows, OBS_DIM)
+    signature = {
+        name: tf.TensorSpec(value.shape[1:], tf.as_dtype(value.dtype))
+        for name, value in data.items()
+    }
+    server = reverb.Server(
+        tables=[
+            reverb.Table(
+                name="replay",
+                sampler=reverb.selectors.Uniform(),
+                remover=reverb.selectors.Fifo(),
+                max_size=100_000,
+                rate_limiter=reverb.rate_limiters.MinSize(1),
+                signature=signature,
+            )
+        ]
+    )
+    address = f"localhost:{server.port}"
+    client = reverb.Client(address)
+    results: dict[str, float] = {}
+    try:
+        started = time.perf_counter()
+        with client.trajectory_writer(num_keep_alive_refs=1) as writer:
+            for i in range(rows):
+                writer.append({name: value[i] for name, value in data.items()})
+                writer.create_item(
+                    "replay", 1.0, {name: writer.history[name][-1] for name in data}
+                )
+            writer.flush()
+        results["insert"] = rows / (time.perf_counter() - started)
+        for batch in (32, 256):
+            dataset = reverb.TrajectoryDataset.from_table_signature(
+                server_address=address, table="replay", max_in_flight_samples_per_worker=2 * batch
+            ).batch(batch, drop_remainder=True)
+            iterator = iter(dataset)
+            results[f"sample{batch}"] = rate(lambda: next(iterator), seconds)
+    finally:
+        server.stop()
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="short timings, search at 100k only")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that it runs")
     parser.add_argument(
         "--sizes", default=None, help="comma-separated search sizes (default 100000,1000000)"
     )
+    parser.add_argument(
+        "--exact-max", type=int, default=None, help="the service's exact-search limit"
+    )
     args = parser.parse_args()
     faiss.omp_set_num_threads(1)
-    seconds = 1.0 if args.quick else 3.0
+    seconds = 0.5 if args.quick else 3.0
     sizes = [
-        int(s) for s in (args.sizes or ("100000" if args.quick else "100000,1000000")).split(",")
+        int(s) for s in (args.sizes or ("20000" if args.quick else "100000,1000000")).split(",")
     ]
+    exact_max = args.exact_max if args.exact_max is not None else (5000 if args.quick else None)
     data = Path(tempfile.mkdtemp(prefix="memory-bench-"))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    service = start_service(data, port)
+    service = start_service(
+        data, port, *(("--exact-max", str(exact_max)) if exact_max is not None else ())
+    )
+    reverb = reverb_side_by_side(seconds, 5_000 if args.quick else 50_000)
+    reference = reverb or REVERB
     table = Table()
     try:
         with httpx.Client(base_url=url, timeout=120) as http:
@@ -234,33 +299,33 @@ def main() -> None:
                 "store, raw HTTP, 4096-row binary batches",
                 insert,
                 "rows/s",
-                REVERB["insert"],
+                reference["insert"],
                 at_least=TARGETS["insert"],
             )
-            client_rows = 200_000 if args.quick else 1_000_000
+            client_rows = 50_000 if args.quick else 1_000_000
             client_insert = asyncio.run(bench_client_insert(url, client_rows))
             table.add(
                 "store, MemoryClient (256-row calls, acked)",
                 client_insert,
                 "rows/s",
-                REVERB["insert"],
+                reference["insert"],
             )
             for batch in (32, 256):
-                reference = REVERB[f"sample{batch}"]
+                peer = reference[f"sample{batch}"]
                 raw = bench_sample(http, batch, seconds)
                 table.add(
-                    f"sample B={batch}, raw HTTP (1 batch a request)", raw, "batches/s", reference
+                    f"sample B={batch}, raw HTTP (1 batch a request)", raw, "batches/s", peer
                 )
                 via_client = asyncio.run(bench_client_sample(url, batch, seconds))
                 table.add(
-                    f"sample B={batch}, MemoryClient (prefetch, 4 a request)",
+                    f"sample B={batch}, MemoryClient (prefetch, 16 a request)",
                     via_client,
                     "batches/s",
-                    reference,
+                    peer,
                     at_least=TARGETS["sample256"] if batch == 256 else None,
                 )
             for size in sizes:
-                result = bench_search(http, size, 300 if args.quick else 1000)
+                result = bench_search(http, size, 100 if args.quick else 1000)
                 label = f"{size:,} states ({result['index']})"
                 big = size >= 1_000_000
                 table.add(
@@ -283,10 +348,16 @@ def main() -> None:
         service.terminate()
         service.wait(10)
         shutil.rmtree(data, ignore_errors=True)
-    print(
-        f"\nMemory service on loopback, {os.cpu_count()} cores; Reverb 0.14 reference measured on "
-        "this machine class (inserts 5-7k/s; 6k used for the ratio)\n"
+    source = (
+        "dm-reverb measured side by side in this process"
+        if reverb
+        else "dm-reverb is not installed: Reverb 0.14 figures measured on this machine class "
+        "(inserts 5-7k/s; 6k used for the ratio)"
     )
+    print(f"\nMemory service on loopback, {os.cpu_count()} cores; {source}")
+    if args.quick:
+        print("--quick: tiny sizes and timings, to check that it runs; the figures mean nothing")
+    print()
     table.print()
 
 

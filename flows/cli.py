@@ -165,6 +165,10 @@ def _train_command(args: argparse.Namespace) -> int:
             extra.append("train.total_timesteps=null")
     if args.num_envs is not None:
         extra.append(f"train.num_envs={args.num_envs}")
+    if args.memory:  # kept in the run's config, so a resumed run replays through it too
+        extra.append("memory.enabled=true")
+    if args.curriculum:
+        extra.append("train.use_curriculum=true")
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -188,16 +192,37 @@ def _train_command(args: argparse.Namespace) -> int:
             shutil.rmtree(run_dir)  # it holds one of our runs (checked above), nothing else
         from agent.tasks import task_spaces
 
+        curriculum = _curriculum_for(args, config, extra)
         obs_dim, n_actions = task_spaces(task)
         agent = LearningAgent(obs_dim, n_actions, config=config)
-        trainer = TrainingManager(agent, task_type=task, run_dir=run_dir)
+        trainer = TrainingManager(agent, task_type=task, run_dir=run_dir, curriculum=curriculum)
         trainer.write_config(_ensure_dir(run_dir) / "config.yaml")
+    if trainer.curriculum is not None:
+        trainer.on_stage_transition = lambda t: _report(_transition_line(t), args)
+        _report(f"curriculum: training at {trainer.curriculum.current_difficulty.value}", args)
 
-    train = trainer.config.train
-    with progress_bar(not args.no_progress, f"train {task_name(trainer.task)}") as update, stop_on_signals(
-        trainer.request_stop
-    ) as signals:
-        summary = asyncio.run(trainer.train(progress=update))
+    from flows.memory_service import MemoryServiceError, memory_session
+
+    try:
+        # With --memory (or memory.enabled) replay goes through the Memory service, started on
+        # loopback if none answers; its client is flushed and closed before the service stops.
+        with memory_session(trainer.config, run_dir=run_dir) as memory_client:
+            trainer.memory_client = memory_client
+            with progress_bar(not args.no_progress, f"train {task_name(trainer.task)}") as update, stop_on_signals(
+                trainer.request_stop
+            ) as signals:
+                summary = asyncio.run(trainer.train(progress=update))
+    except MemoryServiceError as exc:
+        raise UsageError(exc.headline) from None
+    if memory_client is not None:
+        summary["memory"] = memory_client.metrics()  # after the final flush
+        _report(
+            f"memory: {summary['memory']['delivered']:,.0f} transitions stored in "
+            f"{trainer.config.memory.base_url} collection '{trainer.config.memory.collection}' "
+            f"({summary['memory']['queued_writes']:,.0f} still queued, "
+            f"{summary['memory']['dropped']:,.0f} dropped)",
+            args,
+        )
     if signals:
         _report(
             f"stopped at step {trainer.global_step:,}; checkpoint saved. "
@@ -209,11 +234,19 @@ def _train_command(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
 
     evaluation: dict[str, Any] = {}
+    curriculum_report: dict[str, Any] = {}
     if args.eval_episodes != 0:
         episodes = args.eval_episodes or trainer.config.evaluate.episodes
         asyncio.run(trainer.evaluate(num_episodes=episodes))
         evaluation = trainer.last_evaluation
+        if trainer.curriculum is not None:
+            curriculum_report = _curriculum_report(trainer, episodes)
+            evaluation["stages"] = curriculum_report["evaluation"]
+            _write_json(run_dir / "curriculum.json", curriculum_report)
         _write_json(run_dir / "evaluation.json", evaluation)
+    elif trainer.curriculum is not None:
+        curriculum_report = _curriculum_report(trainer, None)
+        _write_json(run_dir / "curriculum.json", curriculum_report)
     _write_json(run_dir / "summary.json", summary)
     trainer.close()
 
@@ -229,10 +262,112 @@ def _train_command(args: argparse.Namespace) -> int:
             f"{evaluation['mean_reward']:.2f} ± {evaluation['std_reward']:.2f}",
             args,
         )
+    if curriculum_report:
+        _report(_curriculum_table(curriculum_report), args)
     _report(f"run directory: {run_dir}   (tensorboard --logdir {run_dir / 'tb'})", args)
     if args.json:
-        emit_json({"run_dir": str(run_dir), "train": summary, "evaluation": evaluation})
+        payload = {"run_dir": str(run_dir), "train": summary, "evaluation": evaluation}
+        if curriculum_report:
+            payload["curriculum"] = curriculum_report
+        emit_json(payload)
     return 0
+
+
+# --------------------------------------------------------------------------- curriculum
+
+
+def _curriculum_for(args: argparse.Namespace, config: Any, extra: Sequence[str]) -> Any:
+    """The run's curriculum, from the resolved params (task profile, --params and --set applied)."""
+    if not config.train.use_curriculum:
+        return None
+    from agent.config import load_raw
+    from agent.tasks import CurriculumError, CurriculumManager, TaskType
+
+    if TaskType.parse(config.train.task) is None:
+        raise UsageError(
+            f"--curriculum needs a task type ({', '.join(t.value for t in TaskType)}), "
+            f"not '{config.train.task}'"
+        )
+    try:
+        return CurriculumManager.from_params(load_raw(args.params, [*args.overrides, *extra])["curriculum"])
+    except CurriculumError as exc:
+        raise UsageError(f"curriculum: {exc}") from None
+
+
+def _transition_line(transition: Mapping[str, Any]) -> str:
+    return (
+        f"curriculum: {transition['from']} -> {transition['to']} after {transition['wall_seconds']:.1f} s "
+        f"(step {transition['global_step']:,}, episode {transition['training_episode']:,}; "
+        f"success rate {transition['success_rate']:.2f} over the stage's last episodes, "
+        f"{transition['stage_episodes']:,} episodes in the stage)"
+    )
+
+
+def _curriculum_report(trainer: Any, episodes: int | None) -> dict[str, Any]:
+    """Where the curriculum got to and when, each stage's training record, and (with ``episodes``)
+    the final agent evaluated at every stage: the run's curriculum.json."""
+    curriculum = trainer.curriculum
+    metrics = curriculum.get_metrics()
+    reached = {curriculum.stages[0].difficulty.value: {"wall_seconds": 0.0, "global_step": 0, "training_episode": 0}}
+    for transition in trainer.stage_transitions:
+        reached[transition["to"]] = {
+            key: transition[key] for key in ("wall_seconds", "global_step", "training_episode") if key in transition
+        }
+    stages = {}
+    for name, stage in metrics["stages"].items():
+        stages[name] = {
+            "reached": reached.get(name),
+            "training_episodes": stage["episodes"],
+            "training_success_rate": stage["success_rate"] if stage["episodes"] else None,
+            "criteria": stage["criteria"],
+        }
+    report: dict[str, Any] = {
+        "task": trainer.task,
+        "final_stage": metrics["current_difficulty"],
+        "stage_index": metrics["stage_index"],
+        "num_stages": len(curriculum.stages),
+        "complete": metrics["is_complete"],
+        "train_seconds": trainer.train_seconds,
+        "global_step": trainer.global_step,
+        "episodes": trainer.episodes_done,
+        "transitions": trainer.stage_transitions,
+        "stages": stages,
+    }
+    if episodes:
+        report["evaluation"] = asyncio.run(trainer.evaluate_curriculum(num_episodes=episodes))
+        report["evaluation_epsilon"] = trainer.config.evaluate.epsilon
+    return report
+
+
+def _curriculum_table(report: Mapping[str, Any]) -> str:
+    """The final report: when each stage was reached, how training went there, and how the final
+    agent does at every stage."""
+    evaluation = report.get("evaluation") or {}
+    lines = [
+        f"curriculum: reached {report['final_stage']} (stage {report['stage_index'] + 1} of "
+        f"{report['num_stages']}) in {report['train_seconds']:.1f} s of training"
+        + (f"; final agent evaluated over {next(iter(evaluation.values()))['episodes']} episodes per stage"
+           f" (epsilon {report.get('evaluation_epsilon', 0):g})" if evaluation else ""),
+        f"  {'stage':<13}{'reached at':>12}{'step':>12}{'episode':>9}{'train success':>15}"
+        f"{'eval success':>14}{'eval reward':>13}",
+    ]
+
+    def cell(value: Any, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
+    for name, stage in report["stages"].items():
+        reached = stage["reached"] or {}
+        result = evaluation.get(name, {})
+        lines.append(
+            f"  {name:<13}"
+            f"{cell(reached.get('wall_seconds'), '.1f') + (' s' if reached else ''):>12}"
+            f"{cell(reached.get('global_step'), ','):>12}"
+            f"{cell(reached.get('training_episode'), ','):>9}"
+            f"{cell(stage['training_success_rate'], '.2f'):>15}"
+            f"{cell(result.get('success_rate'), '.2f'):>14}"
+            f"{cell(result.get('mean_reward'), '.2f'):>13}"
+        )
+    return "\n".join(lines)
 
 
 def _evaluate_command(args: argparse.Namespace) -> int:
@@ -286,6 +421,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run saved in RUN_DIR")
     train.add_argument("--force", action="store_true", help="start over in a run dir that holds a run")
     train.add_argument(
+        "--curriculum", action="store_true",
+        help="advance a task type through the curriculum's stages (train.use_curriculum); "
+        "ends with a success rate per stage (RUN_DIR/curriculum.json)",
+    )
+    train.add_argument(
+        "--memory", action="store_true",
+        help="replay through the Memory service (memory.* in params; started on loopback if none answers)",
+    )
+    train.add_argument(
         "--eval-episodes", type=int, default=None,
         help="greedy evaluation episodes after training (default: evaluate.episodes; 0 skips)",
     )
@@ -299,6 +443,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, help="evaluation seed (default: run.seed + evaluate.seed_offset)")
     add_config_arguments(evaluate)
     evaluate.set_defaults(handler=_evaluate_command)
+
+    from flows.cli_pipeline import add_pipeline_commands
+
+    add_pipeline_commands(commands)
+    from flows.cli_meta import add_meta_commands
+
+    add_meta_commands(commands)
     return parser
 
 

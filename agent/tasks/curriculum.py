@@ -20,7 +20,8 @@ from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from agent.tasks.params import curriculum_defaults
+from agent.config import ConfigError, load_raw, load_section
+from agent.tasks.params import CurriculumSection, curriculum_defaults
 
 log = logging.getLogger(__name__)
 
@@ -270,9 +271,11 @@ class CurriculumStage:
         self.metric_sums = {str(k): float(v) for k, v in dict(state.get("metric_sums", {})).items()}
 
 
-def default_stages(window: int | None = None, history_limit: int | None = None) -> list[CurriculumStage]:
-    """The spec's four stages, as params.yaml gives them."""
-    section = curriculum_defaults()
+def default_stages(
+    window: int | None = None, history_limit: int | None = None, section: CurriculumSection | None = None
+) -> list[CurriculumStage]:
+    """The spec's four stages, as params.yaml gives them (or as ``section``, a resolved one, does)."""
+    section = section or curriculum_defaults()
     stages = []
     for name, stage in section.stages.items():
         values = stage.model_dump()
@@ -316,6 +319,45 @@ class CurriculumManager:
         self.current_index = 0
         self.total_episodes = 0
         self.transitions: list[dict[str, Any]] = []
+
+    @classmethod
+    def from_params(cls, section: CurriculumSection | Mapping[str, Any]) -> CurriculumManager:
+        """The curriculum a params ``curriculum`` section describes, as resolved for a run (the
+        task's profile, ``--params`` files and ``--set`` overrides applied)."""
+        if not isinstance(section, CurriculumSection):
+            try:
+                section = load_section("curriculum", CurriculumSection, {"curriculum": section})  # type: ignore[assignment]
+            except ConfigError as exc:
+                raise CurriculumError(str(exc)) from None
+        assert isinstance(section, CurriculumSection)
+        return cls(default_stages(section=section))
+
+    @classmethod
+    def for_task(cls, task: Any) -> CurriculumManager:
+        """The curriculum params.yaml gives a task: the defaults with the task's profile applied."""
+        name = str(getattr(task, "value", task))
+        return cls.from_params(load_raw(overrides=[{"train": {"task": name}}])["curriculum"])
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> CurriculumManager:
+        """The curriculum a checkpoint was made with (its stages, criteria and window), restored.
+
+        A resumed run keeps the thresholds it started with, even if params.yaml changed since."""
+        stages = state.get("stages") if isinstance(state, Mapping) else None
+        if not isinstance(stages, list) or not all(isinstance(s, Mapping) for s in stages):
+            raise CurriculumError("not a curriculum state: it has no list of stages")
+        window, history_limit = state.get("window"), state.get("history_limit")
+        kwargs = {k: v for k, v in (("window", window), ("history_limit", history_limit)) if v is not None}
+        try:
+            built = [
+                CurriculumStage(s["difficulty"], s["task_params"], s.get("completion_criteria"), **kwargs)
+                for s in stages
+            ]
+        except (KeyError, TypeError) as exc:
+            raise CurriculumError(f"saved curriculum stage lacks or garbles {exc}") from None
+        manager = cls(built)
+        manager.load_state(state)
+        return manager
 
     # ------------------------------------------------------------------ where we are
 
@@ -404,6 +446,8 @@ class CurriculumManager:
     def save_state(self) -> dict[str, Any]:
         return {
             "version": STATE_VERSION,
+            "window": self.stages[0].window,
+            "history_limit": self.stages[0].history_limit,
             "current_index": self.current_index,
             "total_episodes": self.total_episodes,
             "stages": [stage.state_dict() for stage in self.stages],

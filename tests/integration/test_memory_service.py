@@ -719,6 +719,24 @@ def test_client_round_trip(http: httpx.Client, server: MemoryServer, tmp_path: P
     assert describe(http, "client-rt")["capacity"] > 0
 
 
+def test_client_splits_a_search_beyond_the_services_query_limit(
+    server: MemoryServer, tmp_path: Path
+) -> None:
+    async def run() -> SimilarExperiences | None:
+        async with MemoryClient(
+            server.url, collection="many-queries", outbox_dir=tmp_path / "outbox"
+        ) as client:
+            await client.store_transitions(**transitions(50, 3))
+            assert await client.flush(10)
+            queries = np.repeat(transitions(50, 3)["obs"], 100, axis=0)  # 5,000 > 4,096
+            return await client.search_similar(queries, k=2)
+
+    found = asyncio.run(run())
+    assert found is not None and len(found.query_index) == 10_000
+    assert found.query_index.tolist() == np.repeat(np.arange(5000), 2).tolist()
+    assert found.batch.ids[::2].tolist() == np.repeat(np.arange(50), 100).tolist()  # each itself
+
+
 def test_client_rides_out_a_crash_and_stores_everything_once_in_order(
     memory_server: MemoryServer, tmp_path: Path
 ) -> None:

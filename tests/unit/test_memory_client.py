@@ -208,3 +208,48 @@ def test_outbox_keeps_order_across_instances_and_sets_aside_what_cannot_be_sent(
     third = Outbox(tmp_path, max_bytes=10**6)
     assert third.peek().rows == 3 and len(third) == 2
     assert (tmp_path / "rejected" / "0000000000000050.mwb").exists()
+
+
+def test_a_client_from_params_takes_every_memory_setting(tmp_path: Path) -> None:
+    from agent.config import load_config
+
+    config = load_config(
+        overrides=[
+            "memory.base_url=http://127.0.0.1:9/",
+            "memory.collection=nav-beginner",
+            "memory.capacity=5000",
+            "memory.timeout=7",
+            "memory.max_outbox_mb=2",
+            "memory.flush_timeout=0.5",
+        ]
+    )
+    client = MemoryClient.from_config(config, outbox_dir=tmp_path / "outbox")
+    try:
+        assert client.base_url == "http://127.0.0.1:9" and client.collection == "nav-beginner"
+        assert client.capacity == 5000 and client.close_timeout == 0.5
+        assert client._outbox.max_bytes == 2 * 2**20 and client._outbox.directory == tmp_path / "outbox"
+        assert client._write_http.timeout.connect == 1.0 and client._write_http.timeout.read == 7
+        assert MemoryClient.from_config(config.memory, collection="x").collection == "x"
+    finally:
+        client.shutdown(0)
+
+
+def test_the_token_defaults_to_the_services_environment_variable(
+    monkeypatch: pytest.MonkeyPatch, nowhere: str, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("MEMORY_TOKEN", "s3cret")
+    client = MemoryClient(nowhere, outbox_dir=tmp_path)
+    assert client._read_http.headers["authorization"] == "Bearer s3cret"
+    client.shutdown(0)
+
+
+def test_shutdown_without_an_event_loop_keeps_what_it_could_not_deliver(
+    nowhere: str, tmp_path: Path
+) -> None:
+    client = MemoryClient(nowhere, outbox_dir=tmp_path, close_timeout=0.2)
+    asyncio.run(client.store_transitions(**rows(5)))
+    assert client.shutdown() is False  # close_timeout bounds the wait for a down service
+    assert client.metrics()["queued_writes"] == 5 and len(list(tmp_path.glob("*.mwb"))) == 1
+    assert client.shutdown() is False  # twice is harmless
+    with pytest.raises(RuntimeError, match="closed"):
+        asyncio.run(client.store_transitions(**rows(1)))

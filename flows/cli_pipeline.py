@@ -1,0 +1,120 @@
+"""``lagent pipeline``, ``lagent stage`` and ``lagent schedule``: the orchestration subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from flows.cli import UsageError, add_config_arguments, emit_json
+
+
+def _quiet_defaults() -> None:
+    """Telemetry off and Prefect's log at WARNING unless the user chose otherwise."""
+    for key, value in {
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DVC_NO_ANALYTICS": "1",
+    }.items():
+        os.environ.setdefault(key, value)
+
+
+def _print(message: str, args: argparse.Namespace) -> None:
+    print(message, file=sys.stderr if args.json else sys.stdout, flush=True)
+
+
+def _check_stages(names: list[str] | None) -> list[str] | None:
+    from flows.runner import STAGES
+
+    if names:
+        unknown = [n for n in names if n not in STAGES]
+        if unknown:
+            raise UsageError(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(STAGES)}")
+    return names
+
+
+def _pipeline_command(args: argparse.Namespace) -> int:
+    _quiet_defaults()
+    from flows.pipeline import pipeline, settings_for, where_to_look
+
+    settings_for(args.params, args.overrides, args.quick)  # bad params fail here, before Prefect starts
+    stages = _check_stages(args.stages)
+    _print(
+        f"running the pipeline{' (quick profile)' if args.quick else ''}: Prefect starts a temporary local "
+        "server unless PREFECT_API_URL points at one",
+        args,
+    )
+    started = time.perf_counter()
+    summary = pipeline(
+        params_files=list(args.params), overrides=list(args.overrides), quick=args.quick, root=".", stages=stages
+    )
+    width = max(len(r["name"]) for r in summary["stages"]) if summary["stages"] else 5
+    _print("", args)
+    for result in summary["stages"]:
+        _print(f"  {result['name']:<{width}}  {result['summary']}", args)
+    _print(f"\npipeline finished in {time.perf_counter() - started:.0f} s\n", args)
+    _print(where_to_look(summary), args)
+    if args.json:
+        emit_json(summary)
+    return 0
+
+
+def _stage_command(args: argparse.Namespace) -> int:
+    """One stage in this process: what ``dvc repro`` runs (``python -m flows stage NAME``)."""
+    _quiet_defaults()
+    from flows.pipeline import settings_for
+    from flows.runner import run_stage
+    from flows.settings import Layout
+
+    _check_stages([args.name])
+    settings = settings_for(args.params, args.overrides, args.quick)
+    result = run_stage(args.name, settings, Layout(Path(".").resolve()))
+    _print(f"{args.name}: {result.summary}", args)
+    if args.json:
+        emit_json(result.to_dict())
+    return 0
+
+
+def _schedule_command(args: argparse.Namespace) -> int:
+    _quiet_defaults()
+    from prefect.client.schemas.schedules import CronSchedule
+
+    try:
+        CronSchedule(cron=args.cron)
+    except ValueError as exc:
+        raise UsageError(f"invalid cron expression '{args.cron}': {exc.errors()[0]['msg'] if hasattr(exc, 'errors') else exc}") from None
+    from flows.pipeline import serve, settings_for
+
+    settings_for(args.params, args.overrides, args.quick)
+    _print(
+        f"serving deployment 'lagent-pipeline/{args.name}' on cron '{args.cron}' (Ctrl-C stops it); "
+        "runs show in the Prefect UI of the server PREFECT_API_URL points at",
+        args,
+    )
+    serve(args.cron, args.name, args.params, args.overrides, args.quick)
+    return 0
+
+
+def add_pipeline_commands(commands: Any) -> None:
+    pipeline = commands.add_parser("pipeline", help="run the whole pipeline as a Prefect flow (tracked in MLflow)")
+    pipeline.add_argument("--quick", action="store_true", help="tiny budgets (configs/quick.yaml): under 2 minutes")
+    pipeline.add_argument("--stages", nargs="+", metavar="STAGE", help="run only these stages (in pipeline order)")
+    add_config_arguments(pipeline)
+    pipeline.set_defaults(handler=_pipeline_command)
+
+    stage = commands.add_parser("stage", help="run one pipeline stage (what dvc repro calls)")
+    stage.add_argument("name", metavar="STAGE")
+    stage.add_argument("--quick", action="store_true", help="tiny budgets (configs/quick.yaml)")
+    add_config_arguments(stage)
+    stage.set_defaults(handler=_stage_command)
+
+    schedule = commands.add_parser("schedule", help="serve the pipeline on a cron schedule (Prefect deployment)")
+    schedule.add_argument("--cron", required=True, help='cron expression, e.g. "0 2 * * *"')
+    schedule.add_argument("--name", default="nightly", help="deployment name")
+    schedule.add_argument("--quick", action="store_true", help="schedule the quick profile")
+    add_config_arguments(schedule)
+    schedule.set_defaults(handler=_schedule_command)

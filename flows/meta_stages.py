@@ -1,0 +1,145 @@
+"""The meta-learning stages: hyperparameter search, architecture search, policy adaptation.
+
+Each search keeps its Optuna study inside its own output directory, so ``dvc repro`` (which
+removes a stage's outs before running it) always starts a fresh, reproducible study, while a user
+who wants a long-lived study runs ``lagent optimize --storage ...`` instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from agent.checkpoint import save_checkpoint_file
+from agent.meta import MetaLearningManager
+from agent.tasks import CurriculumManager, task_spaces
+from flows.settings import LEVELS, Layout, Settings
+from flows.stages import StageResult, write_json
+
+SEARCH_LEVEL = LEVELS[0]
+"""Searches run at the first curriculum level: short trials still separate good settings there."""
+
+
+def _manager(settings: Settings, layout: Layout, kind: str, on_trial: Callable[..., None] | None) -> MetaLearningManager:
+    directory = layout.search_dir(kind)
+    directory.mkdir(parents=True, exist_ok=True)
+    study_db = directory / "study.db"
+    study_db.unlink(missing_ok=True)  # a stage run is one fresh study (see the module docstring)
+    return MetaLearningManager(
+        base_config={
+            "storage_url": f"sqlite:///{study_db.resolve()}",
+            "study_name": f"pipeline_{settings.pipeline.task}",
+            "n_trials": settings.pipeline.search_trials,
+            "trial_timesteps": settings.pipeline.search_timesteps,
+            "timeout": None,
+        },
+        config=settings.config,
+        on_trial=on_trial,
+    )
+
+
+def _search_metrics(result: Any) -> dict[str, float]:
+    metrics = {
+        "trials_complete": float(result.trials_complete),
+        "trials_pruned": float(result.trials_pruned),
+        "trials_failed": float(result.trials_failed),
+        "steps_trained": float(result.steps_trained),
+        "steps_saved_by_pruning": float(result.steps_unpruned - result.steps_trained),
+    }
+    if result.best_value is not None:
+        metrics["best_value"] = float(result.best_value)
+    return metrics
+
+
+def _search(
+    settings: Settings, layout: Layout, kind: str, on_trial: Callable[..., None] | None
+) -> tuple[Any, dict[str, str]]:
+    manager = _manager(settings, layout, kind, on_trial)
+    task_params = CurriculumManager().parameters_for(SEARCH_LEVEL)
+    if kind == "hyperparameters":
+        result = manager.search_hyperparameters(settings.pipeline.task, task_params=task_params)
+    else:
+        result = manager.search_architecture(settings.pipeline.task, task_params=task_params)
+    artifacts = manager.write_results(result, layout.search_dir(kind))
+    return result, artifacts
+
+
+def search_hyperparameters(
+    settings: Settings, layout: Layout, *, on_trial: Callable[..., None] | None = None
+) -> StageResult:
+    """TPE + median pruning over the learning settings; writes the best as a params file."""
+    result, artifacts = _search(settings, layout, "hyperparameters", on_trial)
+    metrics = _search_metrics(result)
+    metrics_path = write_json(layout.metrics("search_hyperparameters"), metrics)
+    apply = f"; apply with --params {artifacts['best_params']}" if "best_params" in artifacts else ""
+    return StageResult(
+        name="search_hyperparameters",
+        metrics=metrics,
+        outputs=[layout.search_dir("hyperparameters"), metrics_path],
+        summary=(
+            f"{result.trials_complete} trials complete, {result.trials_pruned} pruned, "
+            f"best {_value(result.best_value)}{apply}"
+        ),
+    )
+
+
+def search_architecture(
+    settings: Settings, layout: Layout, *, on_trial: Callable[..., None] | None = None
+) -> StageResult:
+    """Layers, units, dropout and activation; writes the best architecture beside the study."""
+    result, _ = _search(settings, layout, "architecture", on_trial)
+    architecture = result.best_architecture
+    write_json(
+        layout.search_dir("architecture") / "best_architecture.json",
+        architecture.to_dict() if architecture is not None else {},
+    )
+    metrics = _search_metrics(result)
+    metrics_path = write_json(layout.metrics("search_architecture"), metrics)
+    shape = f"{list(architecture.hidden_layers)} {architecture.activation}" if architecture else "none"
+    return StageResult(
+        name="search_architecture",
+        metrics=metrics,
+        outputs=[layout.search_dir("architecture"), metrics_path],
+        summary=(
+            f"{result.trials_complete} trials complete, {result.trials_pruned} pruned, "
+            f"best {shape} ({_value(result.best_value)})"
+        ),
+    )
+
+
+def _value(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def adapt(settings: Settings, layout: Layout) -> StageResult:
+    """Adapt the final policy to a second task, next to a policy trained from scratch."""
+    manager = MetaLearningManager(config=settings.config)
+    target = settings.pipeline.adapt_task
+    result = manager.adapt(
+        layout.final_model,
+        target,
+        timesteps=settings.pipeline.adapt_timesteps,
+        config=settings.config,
+        source_label=layout.final_model.name,
+    )
+    assert result.agent is not None
+    model = save_checkpoint_file(
+        {"config": result.agent.config.to_dict(), "task": target, "agent": result.agent.state_dict(include_buffer=False)},
+        layout.adapted_model,
+    )
+    report = {k: v for k, v in result.to_dict().items() if isinstance(v, (int, float)) and v is not None}
+    metrics_path = write_json(layout.metrics("adapt"), report)
+    success = ""
+    if result.adapted_success_rate is not None and result.scratch_success_rate is not None:
+        success = f", success {result.adapted_success_rate:.0%} vs {result.scratch_success_rate:.0%}"
+    return StageResult(
+        name="adapt",
+        metrics={k: float(v) for k, v in report.items()},
+        outputs=[model, metrics_path],
+        summary=(
+            f"{layout.final_model.stem} -> {target} in {result.timesteps:,} steps: reward "
+            f"{result.adapted_reward:.2f} adapted vs {result.scratch_reward:.2f} from scratch{success}; "
+            f"{len(result.transferred)} tensors transferred, {len(result.reinitialized)} re-initialised"
+        ),
+        model=model,
+    )

@@ -1,0 +1,186 @@
+"""MLflow at the edge: where runs go, a batched metrics sink, and what a stage leaves behind.
+
+Defaults to a SQLite store ``mlruns/mlflow.db`` with artifacts in ``mlruns/artifacts`` (MLflow 3
+refuses a plain file store, and a database beside its artifact root avoids "malformed experiment"
+errors); ``MLFLOW_TRACKING_URI`` points elsewhere (a tracking server, PostgreSQL).
+Metrics are sent with ``log_batch``: one ``log_metric`` call per point costs ~18 ms on SQLite.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+_BATCH = 1000  # MLflow's log_batch limit for metrics
+_PARAM_BATCH = 100  # ... and for params
+_PIP_REQUIREMENTS = ["torch==2.13.0", "numpy==2.4.6"]
+
+
+def setup_tracking(root: Path, experiment: str) -> str:
+    """Point MLflow at the project's store (unless MLFLOW_TRACKING_URI says otherwise); return the experiment id."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    store = root / "mlruns"
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        store.mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(f"sqlite:///{(store / 'mlflow.db').resolve()}")
+    else:
+        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    client = MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    artifacts = (store / "artifacts").resolve().as_uri() if not os.environ.get("MLFLOW_TRACKING_URI") else None
+    try:
+        return client.create_experiment(experiment, artifact_location=artifacts)
+    except mlflow.exceptions.MlflowException:  # created meanwhile by another stage process
+        return client.get_experiment_by_name(experiment).experiment_id
+
+
+def tracking_uri() -> str:
+    return mlflow.get_tracking_uri()
+
+
+class MlflowSink:
+    """A MetricsSink that buffers points and writes them with ``log_batch``."""
+
+    def __init__(self, run_id: str, flush_every: int = _BATCH) -> None:
+        self.run_id = run_id
+        self.flush_every = flush_every
+        self._client = MlflowClient()
+        self._pending: list[Metric] = []
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        for name, value in metrics.items():
+            value = float(value)
+            if math.isfinite(value):  # NaN/inf are "no value yet" here, not a point to plot
+                self._pending.append(Metric(key=name, value=value, timestamp=now, step=int(step)))
+        if len(self._pending) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        while self._pending:
+            chunk, self._pending = self._pending[:_BATCH], self._pending[_BATCH:]
+            self._client.log_batch(self.run_id, metrics=chunk, synchronous=True)
+
+    def close(self) -> None:
+        self.flush()
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"gamma": 0.99}}`` -> ``{"train.gamma": 0.99}`` (lists stay values)."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def select_params(raw: Mapping[str, Any], keys: Iterable[str]) -> dict[str, Any]:
+    """The flattened values of dotted ``keys`` (a section name selects the whole section)."""
+    flat = flatten(raw)
+    chosen: dict[str, Any] = {}
+    for key in keys:
+        chosen.update({k: v for k, v in flat.items() if k == key or k.startswith(key + ".")})
+    return chosen
+
+
+def log_params(run_id: str, params: Mapping[str, Any]) -> None:
+    client = MlflowClient()
+    items = [Param(key, str(value)[:6000]) for key, value in params.items()]
+    for start in range(0, len(items), _PARAM_BATCH):
+        client.log_batch(run_id, params=items[start : start + _PARAM_BATCH], synchronous=True)
+
+
+def log_metrics(run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+    sink = MlflowSink(run_id)
+    sink.log_metrics(metrics, step)
+    sink.close()
+
+
+def file_md5(path: Path) -> str:
+    """The hash DVC records for a file out, so a run names the exact checkpoint `dvc pull` brings back."""
+    digest = hashlib.md5()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def start_child_run(
+    experiment_id: str, parent_run_id: str | None, name: str, tags: Mapping[str, str] | None = None
+) -> str:
+    """A run under ``parent_run_id`` created through the client: safe from worker threads."""
+    all_tags = dict(tags or {})
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = MlflowClient().create_run(experiment_id, tags=all_tags, run_name=name)
+    return run.info.run_id
+
+
+def end_run(run_id: str, failed: bool = False) -> None:
+    MlflowClient().set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+
+
+def set_tags(run_id: str, tags: Mapping[str, str]) -> None:
+    MlflowClient().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True)
+
+
+def log_artifacts(run_id: str, paths: Iterable[Path], artifact_path: str | None = None) -> None:
+    client = MlflowClient()
+    for path in paths:
+        if path.is_file():
+            client.log_artifact(run_id, str(path), artifact_path)
+        elif path.is_dir():
+            client.log_artifacts(run_id, str(path), artifact_path)
+
+
+def log_and_register_model(
+    run_id: str,
+    network: Any,
+    input_example: Any,
+    registered_model_name: str,
+    metrics: Mapping[str, float],
+    description: str,
+) -> tuple[str, str]:
+    """Log the policy with ``mlflow.pytorch`` and register it; return (model uri, version)."""
+    import mlflow.pytorch
+
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(
+            network,
+            name="policy",
+            input_example=input_example,
+            pip_requirements=_PIP_REQUIREMENTS,
+            registered_model_name=registered_model_name,
+            await_registration_for=60,
+        )
+        if metrics:
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, model_id=info.model_id)
+    client = MlflowClient()
+    version = str(info.registered_model_version)
+    client.update_model_version(registered_model_name, version, description=description)
+    for key, value in metrics.items():
+        client.set_model_version_tag(registered_model_name, version, key, f"{float(value):.6g}")
+    return info.model_uri, version
+
+
+def runs_of(experiment: str) -> Iterator[Any]:
+    """Every run of an experiment (for summaries and tests)."""
+    client = MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return iter(())
+    return iter(client.search_runs([found.experiment_id], max_results=5000))
