@@ -44,14 +44,15 @@ from agent.tasks import CurriculumManager, TaskType, task_spaces  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# Per task: (env steps, extra overrides). The step budgets are the smallest at which each task's
-# curve has clearly left the random baseline; tests/integration/test_task_learning.py trains
-# the same settings for fewer steps.
+# As tests/integration/test_task_learning.py (which trains for fewer steps): the task's settings
+# (its params.yaml profile), a linear exploration schedule over the first 30% of the budget,
+# episodes capped at 200 steps. Env steps per task (rows for multi_agent: 3 per team step).
+COMMON = ["train.max_steps_per_episode=200", "train.exploration=linear", "train.exploration_fraction=0.3"]
 TASKS: dict[str, tuple[int, list[str]]] = {
-    "navigation": (60_000, []),
-    "exploration": (150_000, []),
-    "multi_agent": (60_000, []),
-    "manipulation": (60_000, []),
+    "navigation": (60_000, COMMON),
+    "exploration": (150_000, COMMON),
+    "multi_agent": (150_000, COMMON),
+    "manipulation": (100_000, COMMON),
 }
 
 
@@ -160,7 +161,7 @@ def plot_curriculum(record: dict[str, Any], path: Path) -> None:
         lo, hi = bounds[index], bounds[index + 1]
         ax.axvspan(lo, hi, color=colours[(index + 1) % len(colours)], alpha=0.08)
         ax.hlines(record["thresholds"][index], lo, hi, colors="black", linestyles="--", linewidth=1)
-        ax.text(lo + (hi - lo) / 2, 0.04, record["stages"][index], ha="center", fontsize=9)
+        ax.text(lo + (hi - lo) / 2, 0.3, record["stages"][index], ha="center", fontsize=10, alpha=0.8)
     for transition in record["transitions"]:
         ax.axvline(transition["training_episode"], color="black", linewidth=1)
         ax.text(transition["training_episode"], 1.03, f"{transition['wall_seconds']:.0f} s", ha="center", fontsize=8)
@@ -186,6 +187,9 @@ def main() -> None:
     parser.add_argument("--points", type=int, default=6, help="evaluations per curve (the untrained agent included)")
     parser.add_argument("--curriculum-episodes", type=int, default=None,
                         help="training episodes of the curriculum run (default: train.max_episodes)")
+    parser.add_argument("--steps", type=int, default=None, help="env steps per task (default: TASKS below)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
+                        help="a config override for every run (repeatable)")
     parser.add_argument("--quick", action="store_true", help="tiny budgets: check that the script works")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -195,7 +199,8 @@ def main() -> None:
 
     for task in args.tasks:
         steps, overrides = TASKS[task]
-        steps = 2_000 if args.quick else steps
+        steps = 2_000 if args.quick else args.steps or steps
+        overrides = [*overrides, *args.overrides]
         episodes = 5 if args.quick else args.episodes
         eval_every = max(1, steps // max(1, args.points - 1))
         print(f"{task}: {steps:,} env steps, evaluated every {eval_every:,}", flush=True)
@@ -207,7 +212,7 @@ def main() -> None:
     if not args.no_curriculum:
         episodes = 150 if args.quick else args.curriculum_episodes or load_config().train.max_episodes or 1000
         print(f"navigation curriculum: {episodes:,} training episodes", flush=True)
-        record = asyncio.run(curriculum_run(episodes, quick, 5 if args.quick else args.episodes))
+        record = asyncio.run(curriculum_run(episodes, [*quick, *args.overrides], 5 if args.quick else args.episodes))
         (args.out / f"curriculum_navigation{suffix}.json").write_text(json.dumps(record, indent=1))
         plot_curriculum(record, args.out / f"curriculum_navigation{suffix}.png")
         for name, result in record["evaluation"].items():

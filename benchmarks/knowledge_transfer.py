@@ -33,6 +33,7 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import argparse
 import asyncio
+import shutil
 import socket
 import statistics
 import sys
@@ -226,6 +227,11 @@ def main() -> None:
     parser.add_argument(
         "--params", default=None, help="params overlay of the target runs (default: params.yaml)"
     )
+    parser.add_argument(
+        "--target",
+        default=TARGET_TASK,
+        help=f"target env id (default {TARGET_TASK}; {SOURCE_TASK} measures a task seen before)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.source_steps, args.budget = "0", 3_000, 2_000
@@ -258,7 +264,7 @@ def main() -> None:
                     args,
                     url,
                     collection,
-                    TARGET_TASK,
+                    args.target,
                     seed,
                     args.budget,
                     args.threshold,
@@ -271,6 +277,7 @@ def main() -> None:
             rows.append((seed, runs))
             shown = ", ".join(f"{arm} {show(runs[arm], args.budget)}" for arm in ARMS)
             print(f"seed {seed}: {shown} steps", flush=True)
+    shutil.rmtree(data, ignore_errors=True)
     report(rows, args)
 
 
@@ -283,7 +290,7 @@ def report(rows: list[tuple[int, dict[str, dict[str, Any]]]], args: argparse.Nam
         return run["reached_at"] if run["reached_at"] is not None else args.budget
 
     print(
-        f"\nsteps to a greedy mean reward of {args.threshold:g} on {TARGET_TASK} "
+        f"\nsteps to a greedy mean reward of {args.threshold:g} on {args.target} "
         f"({args.eval_episodes} episodes every {args.eval_every:,} steps; budget {args.budget:,}; "
         f"{len(rows)} seeds)"
     )

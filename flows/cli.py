@@ -62,14 +62,18 @@ def emit_json(payload: Mapping[str, Any]) -> None:
 
 
 @contextmanager
-def progress_bar(enabled: bool, description: str) -> Iterator[Callable[[Mapping[str, float]], None]]:
-    """A rich progress bar on stderr; a no-op callback when stderr is not a terminal."""
+def progress_bars(enabled: bool, tasks: Mapping[str, tuple[str, float | None]]) -> Iterator[Callable[..., None]]:
+    """Rich progress bars on stderr, one per named task; a no-op callback off a terminal.
+
+    ``tasks`` maps a key to (description, total); the callback is ``update(key, completed,
+    total=None, status="")``.
+    """
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     console = Console(stderr=True)
     if not (enabled and console.is_terminal):
-        yield lambda update: None
+        yield lambda *args, **kwargs: None
         return
     with Progress(
         TextColumn("[bold]{task.description}"),
@@ -79,9 +83,19 @@ def progress_bar(enabled: bool, description: str) -> Iterator[Callable[[Mapping[
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,
-        transient=False,
     ) as bar:
-        task_id = bar.add_task(description, total=None, status="")
+        ids = {key: bar.add_task(text, total=total, status="") for key, (text, total) in tasks.items()}
+
+        def update(key: str, completed: float, total: float | None = None, status: str = "") -> None:
+            bar.update(ids[key], completed=completed, status=status, **({"total": total} if total else {}))
+
+        yield update
+
+
+@contextmanager
+def progress_bar(enabled: bool, description: str) -> Iterator[Callable[[Mapping[str, float]], None]]:
+    """One training progress bar, fed the trainer's progress dicts (steps or episodes)."""
+    with progress_bars(enabled, {"train": (description, None)}) as update_bar:
 
         def update(info: Mapping[str, float]) -> None:
             by_steps = info.get("total_steps", 0) > 0
@@ -89,7 +103,7 @@ def progress_bar(enabled: bool, description: str) -> Iterator[Callable[[Mapping[
             done = info["step"] if by_steps else info.get("episodes", 0)
             reward = info.get("reward_mean", float("nan"))
             status = f"reward {reward:8.2f}  eps {info.get('epsilon', 0):.3f}" if reward == reward else ""
-            bar.update(task_id, total=total, completed=done, status=status)
+            update_bar("train", done, total=total, status=status)
 
         yield update
 

@@ -11,8 +11,7 @@ import argparse
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from flows.cli import (
     add_config_arguments,
     emit_json,
     load_cli_config,
+    progress_bars,
 )
 
 EXIT_NOTHING_FOUND = 1
@@ -35,37 +35,6 @@ def _console(args: argparse.Namespace) -> Any:
     from rich.console import Console
 
     return Console(stderr=bool(args.json), soft_wrap=True)
-
-
-@contextmanager
-def _progress(enabled: bool, tasks: Mapping[str, tuple[str, float | None]]) -> Iterator[Callable[..., None]]:
-    """A rich progress display on stderr with one bar per named task; a no-op off a terminal.
-
-    ``tasks`` maps a key to (description, total); the callback is ``update(key, completed,
-    total=None, status="")``.
-    """
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    console = Console(stderr=True)
-    if not (enabled and console.is_terminal):
-        yield lambda *args, **kwargs: None
-        return
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed:,.0f}/{task.total:,.0f}"),
-        TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-    ) as bar:
-        ids = {key: bar.add_task(text, total=total, status="") for key, (text, total) in tasks.items()}
-
-        def update(key: str, completed: float, total: float | None = None, status: str = "") -> None:
-            bar.update(ids[key], completed=completed, status=status, **({"total": total} if total else {}))
-
-        yield update
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -105,7 +74,7 @@ def _optimize_command(args: argparse.Namespace) -> int:
         f"(pruner {options.pruner}, {options.n_jobs} parallel) in study '{study_name}' ({manager.meta.storage_url})",
         args,
     )
-    with _progress(not args.no_progress, {"trials": (f"optimize {spec.label}", options.n_trials)}) as update:
+    with progress_bars(not args.no_progress, {"trials": (f"optimize {spec.label}", options.n_trials)}) as update:
 
         def on_trial(info: Mapping[str, Any]) -> None:
             best = info.get("best_value")
@@ -193,7 +162,7 @@ def _adapt_command(args: argparse.Namespace) -> int:
 
     _report(f"adapting {checkpoint} to {spec.label}: {steps:,} fine-tuning steps, and as many from scratch", args)
     bars = {"adapted": ("fine-tune", float(steps)), "scratch": ("from scratch", float(steps))}
-    with _progress(not args.no_progress, bars) as update:
+    with progress_bars(not args.no_progress, bars) as update:
 
         def on_progress(phase: str, info: Mapping[str, float]) -> None:
             reward = info.get("reward_mean", float("nan"))

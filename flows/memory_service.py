@@ -168,7 +168,7 @@ def ensure_memory_service(
     log_path = data / LOG_NAME
     command = [
         sys.executable, "-m", "memory",
-        "--host", "127.0.0.1", "--port", str(port), "--data", str(data),
+        "--host", "::1" if host == "::1" else "127.0.0.1", "--port", str(port), "--data", str(data),
         "--log-level", "warning", *extra_args,
     ]  # fmt: skip
     child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}

@@ -12,7 +12,7 @@ from typing import Any
 
 from agent.checkpoint import save_checkpoint_file
 from agent.meta import MetaLearningManager
-from agent.tasks import CurriculumManager, task_spaces
+from agent.tasks import CurriculumManager
 from flows.settings import LEVELS, Layout, Settings
 from flows.stages import StageResult, write_json
 
@@ -53,58 +53,45 @@ def _search_metrics(result: Any) -> dict[str, float]:
 
 def _search(
     settings: Settings, layout: Layout, kind: str, on_trial: Callable[..., None] | None
-) -> tuple[Any, dict[str, str]]:
+) -> StageResult:
+    """Run one search at the first curriculum level and write its results beside its study."""
     manager = _manager(settings, layout, kind, on_trial)
     task_params = CurriculumManager().parameters_for(SEARCH_LEVEL)
+    directory = layout.search_dir(kind)
     if kind == "hyperparameters":
         result = manager.search_hyperparameters(settings.pipeline.task, task_params=task_params)
+        best = _value(result.best_value)
     else:
         result = manager.search_architecture(settings.pipeline.task, task_params=task_params)
-    artifacts = manager.write_results(result, layout.search_dir(kind))
-    return result, artifacts
+        architecture = result.best_architecture
+        write_json(directory / "best_architecture.json", architecture.to_dict() if architecture else {})
+        shape = f"{list(architecture.hidden_layers)} {architecture.activation}" if architecture else "none"
+        best = f"{shape} ({_value(result.best_value)})"
+    artifacts = manager.write_results(result, directory)
+    if "best_params" in artifacts:
+        best += f"; apply with --params {artifacts['best_params']}"
+    metrics = _search_metrics(result)
+    metrics_path = write_json(layout.metrics(f"search_{kind}"), metrics)
+    return StageResult(
+        name=f"search_{kind}",
+        metrics=metrics,
+        outputs=[directory, metrics_path],
+        summary=f"{result.trials_complete} trials complete, {result.trials_pruned} pruned, best {best}",
+    )
 
 
 def search_hyperparameters(
     settings: Settings, layout: Layout, *, on_trial: Callable[..., None] | None = None
 ) -> StageResult:
     """TPE + median pruning over the learning settings; writes the best as a params file."""
-    result, artifacts = _search(settings, layout, "hyperparameters", on_trial)
-    metrics = _search_metrics(result)
-    metrics_path = write_json(layout.metrics("search_hyperparameters"), metrics)
-    apply = f"; apply with --params {artifacts['best_params']}" if "best_params" in artifacts else ""
-    return StageResult(
-        name="search_hyperparameters",
-        metrics=metrics,
-        outputs=[layout.search_dir("hyperparameters"), metrics_path],
-        summary=(
-            f"{result.trials_complete} trials complete, {result.trials_pruned} pruned, "
-            f"best {_value(result.best_value)}{apply}"
-        ),
-    )
+    return _search(settings, layout, "hyperparameters", on_trial)
 
 
 def search_architecture(
     settings: Settings, layout: Layout, *, on_trial: Callable[..., None] | None = None
 ) -> StageResult:
     """Layers, units, dropout and activation; writes the best architecture beside the study."""
-    result, _ = _search(settings, layout, "architecture", on_trial)
-    architecture = result.best_architecture
-    write_json(
-        layout.search_dir("architecture") / "best_architecture.json",
-        architecture.to_dict() if architecture is not None else {},
-    )
-    metrics = _search_metrics(result)
-    metrics_path = write_json(layout.metrics("search_architecture"), metrics)
-    shape = f"{list(architecture.hidden_layers)} {architecture.activation}" if architecture else "none"
-    return StageResult(
-        name="search_architecture",
-        metrics=metrics,
-        outputs=[layout.search_dir("architecture"), metrics_path],
-        summary=(
-            f"{result.trials_complete} trials complete, {result.trials_pruned} pruned, "
-            f"best {shape} ({_value(result.best_value)})"
-        ),
-    )
+    return _search(settings, layout, "architecture", on_trial)
 
 
 def _value(value: float | None) -> str:

@@ -77,20 +77,20 @@ def _finite(value: Any) -> float | None:
 
 @contextlib.contextmanager
 def memory_client_for(settings: Settings, layout: Layout) -> Iterator[Any]:
-    """A MemoryClient when the pipeline replays through the service (started if none answers)."""
-    if not settings.pipeline.use_memory:
-        yield None
-        return
-    from agent.memory_client import MemoryClient
-    from flows.memory_service import ensure_memory_service
+    """A MemoryClient when the pipeline replays through the service (started if none answers).
 
-    memory = settings.config.memory
-    with ensure_memory_service(memory.base_url, layout.memory_data):
-        client = MemoryClient.from_config(settings.config)
-        try:
-            yield client
-        finally:
-            asyncio.run(client.close())
+    Writes queued while the service is away wait in ``runs/pipeline/memory-outbox`` and are
+    delivered by the next stage that reaches the service.
+    """
+    from flows.memory_service import memory_session
+
+    with memory_session(
+        settings.config,
+        run_dir=layout.root / "runs" / "pipeline",
+        enabled=settings.pipeline.use_memory,
+        data_dir=layout.memory_data,
+    ) as client:
+        yield client
 
 
 # --------------------------------------------------------------------------- training

@@ -7,7 +7,8 @@ Observation (20 floats, the same at every stage):
   obstacle (2)       unit vector to the nearest obstacle x proximity (1 - clearance / sensor range,
                      0 beyond it): where the nearest obstacle is and how close
   time_left (1)      1 - step / step limit
-  ranges (8)         range sensors (fraction of sensor range) when ``vision_required``, else 0
+  ranges (8)         range sensors (fraction of sensor range) when ``vision_required``, else 1
+                     (nothing sensed, as with nothing within range)
   vision (1)         1 when the range sensors are on
   goal (2)           (goal - position) / workspace size
   goal_distance (1)  distance to the goal / workspace diagonal

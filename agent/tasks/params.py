@@ -133,7 +133,7 @@ class TasksSection(_Section):
     min_agent_distance: float = Field(ge=0.0)
     """Teammates closer than this count as 'near' for the speed limit (m)."""
     range_sensors: int = Field(ge=0, le=64)
-    """Rays of the range sensor (evenly spread); their slots are zero without vision."""
+    """Rays of the range sensor (evenly spread); without vision their slots read 1 (nothing sensed)."""
     sensor_range: float = Field(gt=0.0)
     """Maximum range of a ray (m); readings are divided by it."""
     navigation: NavigationSection

@@ -4,6 +4,7 @@ service that is down from the start costs training nothing but is reported in th
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,9 @@ def test_training_rides_out_a_kill_9_and_stores_every_transition_exactly_once(
         await steps(seen["killed_at"] + 1500)  # training goes on against a dead service
         seen["down"] = client.metrics()
         await asyncio.to_thread(memory_server.start)  # training goes on while it restarts
+        deadline = time.monotonic() + 60  # a guard against hanging, not a timing assertion
+        while client.metrics()["breaker_open"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)  # the client's next probe finds the service back
         seen["back_at"] = trainer.global_step
         await steps(seen["back_at"] + 1500)
         trainer.request_stop()

@@ -44,9 +44,11 @@ def test_cli_advances_reports_per_stage_and_resumes_at_the_stage(tmp_path, capsy
     run_dir = tmp_path / "nav"
     argv = ["train", "--task", "navigation", "--curriculum", "--seed", "3", "--run-dir", str(run_dir)]
     assert main([*argv, "--episodes", "40", *EASY, *SMALL, "--json"]) == 0
-    out = capsys.readouterr().out
-    assert "curriculum: beginner -> intermediate after" in out  # printed as it happens
-    assert "curriculum: intermediate -> advanced after" in out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "curriculum: beginner -> intermediate after" in captured.err  # printed as it happens
+    assert "curriculum: intermediate -> advanced after" in captured.err  # (stderr: --json owns stdout)
+    assert "eval success" in captured.err  # the final per-stage table
     result = json.loads(out.strip().splitlines()[-1])
     report = json.loads((run_dir / "curriculum.json").read_text())
     assert result["curriculum"]["final_stage"] == report["final_stage"] == "advanced"
@@ -126,3 +128,23 @@ def test_curriculum_user_errors_are_one_line(argv, message, tmp_path, capsys):
     assert main(["train", *argv, "--run-dir", str(tmp_path / "r"), "--episodes", "1", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("task", ["navigation", "exploration", "multi_agent"])
+def test_vision_slots_say_what_is_sensed_at_every_stage(task):
+    """Blind rays read 1 (nothing sensed) and the vision flag is 0; with vision the flag is 1.
+    (0 would read as an obstacle touching on every side: a policy trained with vision then fails
+    at the blind first stage.)"""
+    from agent.tasks import make_vector_env
+
+    for difficulty, vision in (("beginner", False), ("intermediate", True)):
+        envs = make_vector_env(task, 2, task_params=_stage_params(difficulty))
+        obs, _ = envs.reset(seed=0)
+        for _ in range(3):
+            obs, *_ = envs.step(np.zeros(envs.num_envs, dtype=np.int64))
+        slots = envs.layout.slices
+        assert np.all(obs[:, slots["vision"]] == float(vision))
+        if not vision:
+            assert np.all(obs[:, slots["ranges"]] == 1.0)
+        else:
+            assert np.all(obs[:, slots["ranges"]] <= 1.0) and np.any(obs[:, slots["ranges"]] < 1.0)
