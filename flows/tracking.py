@@ -25,20 +25,36 @@ _PARAM_BATCH = 100  # ... and for params
 _PIP_REQUIREMENTS = ["torch==2.13.0", "numpy==2.4.6"]
 
 
+_uri_we_set: str | None = None  # mlflow.set_tracking_uri exports it as MLFLOW_TRACKING_URI
+
+
+def _user_tracking_uri() -> str | None:
+    """MLFLOW_TRACKING_URI as the user set it, not as our own earlier ``set_tracking_uri`` left it.
+
+    MLflow copies every ``set_tracking_uri`` into the environment (for subprocesses), so without
+    this a second pipeline in the same process (another root, a test) would write to the first's store.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or None
+    return None if uri == _uri_we_set else uri
+
+
 def setup_tracking(root: Path, experiment: str) -> str:
     """Point MLflow at the project's store (unless MLFLOW_TRACKING_URI says otherwise); return the experiment id."""
+    global _uri_we_set
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     store = root / "mlruns"
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
+    user_uri = _user_tracking_uri()
+    if user_uri is None:
         store.mkdir(parents=True, exist_ok=True)
-        mlflow.set_tracking_uri(f"sqlite:///{(store / 'mlflow.db').resolve()}")
+        _uri_we_set = f"sqlite:///{(store / 'mlflow.db').resolve()}"
+        mlflow.set_tracking_uri(_uri_we_set)
     else:
-        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+        mlflow.set_tracking_uri(user_uri)
     client = MlflowClient()
     found = client.get_experiment_by_name(experiment)
     if found is not None:
         return found.experiment_id
-    artifacts = (store / "artifacts").resolve().as_uri() if not os.environ.get("MLFLOW_TRACKING_URI") else None
+    artifacts = (store / "artifacts").resolve().as_uri() if user_uri is None else None
     try:
         return client.create_experiment(experiment, artifact_location=artifacts)
     except mlflow.exceptions.MlflowException:  # created meanwhile by another stage process

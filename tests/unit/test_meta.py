@@ -164,13 +164,17 @@ def _worker(storage: str, seed: int, results) -> None:
 
 @pytest.mark.parametrize("backend", ["journal", "sqlite"])
 def test_two_worker_processes_share_one_study_without_losing_trials(tmp_path, backend):
-    """Forked workers (the CLI path is tested in test_meta_cli.py): real processes, no re-import."""
+    """Worker processes (the CLI path is tested in test_meta_cli.py).
+
+    Spawned, not forked: a fork taken after Prefect's or MLflow's background threads have started
+    (an earlier test in the same session) leaves the child unable to shut down cleanly.
+    """
     import multiprocessing
 
     storage = f"journal:{tmp_path / 'study.journal'}" if backend == "journal" else f"sqlite:///{tmp_path / 'study.db'}"
     meta = manager(tmp_path, storage=storage, study="shared")
     meta.create_study(OptimizationType.HYPERPARAMETERS, TINY, "CartPole-v1")  # once, before the workers
-    context = multiprocessing.get_context("fork")
+    context = multiprocessing.get_context("spawn")
     results = context.Queue()
     workers = [context.Process(target=_worker, args=(storage, seed, results)) for seed in (1, 2)]
     for worker in workers:
@@ -199,7 +203,7 @@ def _create(storage: str, barrier, results) -> None:
 def test_processes_creating_a_new_sqlite_study_at_once_all_get_it(tmp_path):
     import multiprocessing
 
-    context = multiprocessing.get_context("fork")
+    context = multiprocessing.get_context("spawn")
     barrier, results = context.Barrier(3), context.Queue()
     storage = f"sqlite:///{tmp_path / 'race.db'}"
     workers = [context.Process(target=_create, args=(storage, barrier, results)) for _ in range(3)]
@@ -207,6 +211,7 @@ def test_processes_creating_a_new_sqlite_study_at_once_all_get_it(tmp_path):
         worker.start()
     for worker in workers:
         worker.join(timeout=60)
+        assert worker.exitcode == 0
     names = {results.get(timeout=5) for _ in workers}
     assert names == {"race/CartPole-v1/hyperparameters"}
     assert len(optuna.get_all_study_names(storage)) == 1
