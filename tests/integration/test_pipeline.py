@@ -111,11 +111,9 @@ def test_dvc_repro_runs_every_stage_then_only_what_changed(project: Path) -> Non
     assert "changed" not in status
 
     # Every stage wrote its MLflow run into the project's store, and export registered the model.
-    import mlflow
     from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("lagent")
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
     stage_runs = {r.data.tags.get("lagent.stage") for r in runs if r.data.tags.get("lagent.stage")}
