@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from agent.closed_form import ClosedFormTD
 from agent.config import Config, load_config, resolve_device, with_overrides
 from agent.network import LearningNetwork, NetworkArchitecture, NumpyPolicy
 from agent.optim import FastAdam
@@ -119,6 +120,11 @@ class LearningAgent:
         self.last_similar_count = 0
         self._warned_dim = False
         self._zero = torch.zeros((), device=self.device)
+        self._closed_form = (
+            ClosedFormTD(self.q_network, self.target_network, cfg.train.double_dqn, cfg.train.loss)
+            if cfg.train.closed_form_update and ClosedFormTD.supports(self.q_network)
+            else None
+        )
         self._numpy_policy = (
             NumpyPolicy(self.q_network) if NumpyPolicy.supports(self.q_network) else None
         )
@@ -234,6 +240,8 @@ class LearningAgent:
     ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
         """One update on the local batch plus an optional memory batch; returns detached stats
         and the TD errors of the memory rows (None without them)."""
+        if self._closed_form is not None:
+            return self._closed_form_step(local, extra, extra_weights, gamma)
         extra_td = None
         if extra is None:
             per_sample, q_taken = self._per_sample_loss(local, gamma)
@@ -255,6 +263,33 @@ class LearningAgent:
         self._maybe_update_target()
         stats = (total.detach(), local_loss.detach(), memory_loss.detach(), q_taken.detach().mean(), grad_norm)
         return stats, extra_td
+
+    def _closed_form_step(
+        self,
+        local: Transitions,
+        extra: Transitions | None,
+        extra_weights: torch.Tensor | None,
+        gamma: float,
+    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
+        """``_gradient_step`` for plain MLPs: the same losses, gradients from ``ClosedFormTD``."""
+        n_local = local.obs.shape[0]
+        if extra is None:
+            per_sample, q_taken, _, grads = self._closed_form.step(local, gamma, 1.0 / n_local)
+            local_loss = per_sample.mean()
+            memory_loss, total, extra_td = self._zero, local_loss, None
+        else:
+            n_extra = extra.obs.shape[0]
+            weights = extra_weights if extra_weights is not None else torch.ones(n_extra, device=self.device)
+            scale = torch.cat([torch.full((n_local,), 1.0 / n_local, device=self.device), weights / n_extra])
+            joined = Transitions(*(torch.cat([a, b]) for a, b in zip(local, extra)))
+            per_sample, q_taken, td, grads = self._closed_form.step(joined, gamma, scale)
+            local_loss = per_sample[:n_local].mean()
+            memory_loss = (per_sample[n_local:] * weights).mean()
+            total, extra_td = local_loss + memory_loss, td[n_local:]
+        grad_norm = self.optimizer.apply(grads, self.config.train.max_grad_norm)
+        self.training_steps += 1
+        self._maybe_update_target()
+        return (total, local_loss, memory_loss, q_taken.mean(), grad_norm), extra_td
 
     def _maybe_update_target(self) -> None:
         train = self.config.train

@@ -10,12 +10,9 @@ kernels, and go straight to the fused Adam kernel. The state lives in a regular
 from __future__ import annotations
 
 import copy
-import importlib
 from collections.abc import Sequence
 
 import torch
-
-_adam = importlib.import_module("torch.optim.adam")  # `torch.optim.adam` is shadowed by the class
 
 
 class FastAdam:
@@ -52,17 +49,22 @@ class FastAdam:
 
     def step(self, loss: torch.Tensor, max_grad_norm: float | None) -> torch.Tensor:
         """Backpropagate ``loss``, clip, update; returns the gradient norm before clipping."""
-        grads = list(torch.autograd.grad(loss, self.params))
+        return self.apply(list(torch.autograd.grad(loss, self.params)), max_grad_norm)
+
+    def apply(self, grads: list[torch.Tensor], max_grad_norm: float | None) -> torch.Tensor:
+        """Clip ``grads`` (one per parameter, in order) and update; returns their norm before clipping."""
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         if max_grad_norm is not None:
             torch._foreach_mul_(grads, torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0))
         exp_avgs, exp_avg_sqs, steps = self._state()
         group = self.optimizer.param_groups[0]
         beta1, beta2 = group["betas"]
-        _adam.adam(
+        # What torch.optim.adam._fused_adam does for one device and dtype, minus its regrouping.
+        torch._foreach_add_(steps, 1)
+        torch._fused_adam_(
             self.params, grads, exp_avgs, exp_avg_sqs, [], steps,
-            fused=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
-            weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+            amsgrad=False, lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+            eps=group["eps"], maximize=False, grad_scale=None, found_inf=None,
         )
         return norm
 
