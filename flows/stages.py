@@ -14,6 +14,7 @@ import csv
 import json
 import math
 import platform
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -323,18 +324,21 @@ def export_onnx(network: torch.nn.Module, example: torch.Tensor, path: Path, ops
     # The exporter warns once per torchvision op it cannot register; we use none of them.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     batch = torch.export.Dim("batch", min=1)
-    torch.onnx.export(
-        network,
-        (example,),
-        str(path),
-        input_names=["state"],
-        output_names=["q_values"],
-        dynamic_shapes={"state": {0: batch}},
-        opset_version=opset,
-        dynamo=True,
-        external_data=False,
-        verbose=False,
-    )
+    with warnings.catch_warnings():
+        # torch.export's own deprecation notice (LeafSpec), raised inside the exporter, not by us.
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        torch.onnx.export(
+            network,
+            (example,),
+            str(path),
+            input_names=["state"],
+            output_names=["q_values"],
+            dynamic_shapes={"state": {0: batch}},
+            opset_version=opset,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     check = torch.cat([example, example[:3] * 2.0])  # a different batch size than the example
     (onnx_out,) = session.run(None, {"state": check.numpy()})
