@@ -46,12 +46,11 @@ class ClosedFormTD:
         self._activation, self._activation_backward = _ACTIVATIONS[online.architecture.activation]
         self._double = double_dqn
         self._huber = loss == "huber"
-        # Gradients are returned in the order of ``online.parameters()``, the optimizer's order.
-        order = {id(p): i for i, p in enumerate(online.parameters())}
+        # Gradients come back as weight, bias per layer: that must be ``parameters()``'s order,
+        # the optimizer's.
         flat = [p for layer in self._online for p in layer]
-        if sorted(order[id(p)] for p in flat) != list(range(len(order))):
-            raise ValueError("the network has parameters outside its linear layers")
-        self._position = [order[id(p)] for p in flat]
+        if [id(p) for p in online.parameters()] != [id(p) for p in flat]:
+            raise ValueError("the network's parameters are not its linear layers in order")
 
     @staticmethod
     def supports(network: LearningNetwork) -> bool:
@@ -106,8 +105,5 @@ class ClosedFormTD:
             grads.append(grad_out.t().mm(inputs[depth]))  # weight
             if depth > 0:
                 grad_out = self._activation_backward(grad_out.mm(weight), inputs[depth])
-        grads.reverse()  # now weight, bias of the first layer ... of the head
-        ordered: list[torch.Tensor] = [grads[0]] * len(grads)
-        for position, grad in zip(self._position, grads):
-            ordered[position] = grad
-        return per_sample, q_taken, td, ordered
+        grads.reverse()  # weight, bias of the first layer ... of the head
+        return per_sample, q_taken, td, grads
