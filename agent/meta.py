@@ -58,6 +58,7 @@ from agent.tasks import (
     TaskParameters,
     TaskType,
     is_gym_id,
+    make_vector_env,
     task_name,
     task_spaces,
 )
@@ -123,6 +124,9 @@ class MetaConfig(BaseModel):
     """Fine-tuning budget of a policy adaptation (and of the from-scratch baseline)."""
     adapt_epsilon_start: float | None = Field(ge=0.0, le=1.0)
     """Exploration when fine-tuning starts (None: train.epsilon_start, as for the from-scratch run)."""
+    adapt_match_features: bool = True
+    """Between task types, also keep the input weights of the observation slots and the output
+    rows of the actions both tasks share (by name), not only the layers of identical shape."""
     online_trials: int = Field(ge=1)
     """Candidates tried by each periodic optimisation during training (besides the unchanged settings)."""
     online_timesteps: int = Field(ge=1)
@@ -491,6 +495,8 @@ class AdaptationResult:
     adapted_std: float
     scratch_reward: float
     scratch_std: float
+    partially_transferred: dict[str, str] = field(default_factory=dict)
+    """Re-initialised layers that kept the weights of the inputs or actions both tasks share."""
     zero_shot_reward: float | None = None
     """The source policy's reward on the target before fine-tuning (when every layer fits)."""
     adapted_success_rate: float | None = None
@@ -508,6 +514,7 @@ class AdaptationResult:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "agent"}
         data["transferred"] = list(self.transferred)
         data["reinitialized"] = list(self.reinitialized)
+        data["partially_transferred"] = dict(self.partially_transferred)
         data["improvement"] = self.improvement
         return data
 
@@ -975,7 +982,8 @@ class MetaLearningManager:
         obs_dim, n_actions = task_spaces(spec.task)
         architecture = dataclasses.replace(agent.architecture, input_dim=obs_dim, output_dim=n_actions)
         adapted = LearningAgent(obs_dim, n_actions, config=cfg, architecture=architecture)
-        transferred, reinitialized = transfer_weights(agent.q_network, adapted.q_network)
+        match = match_features(agent.config.train.task, spec.task) if self.meta.adapt_match_features else None
+        transferred, reinitialized, partial = transfer_weights(agent.q_network, adapted.q_network, match)
         adapted.update_target_network()
         episodes = eval_episodes or cfg.evaluate.episodes
         seed = cfg.run.seed + cfg.evaluate.seed_offset
@@ -1018,6 +1026,7 @@ class MetaLearningManager:
                 timesteps=steps,
                 transferred=transferred,
                 reinitialized=reinitialized,
+                partially_transferred=partial,
                 adapted_reward=adapted_mean,
                 adapted_std=adapted_std,
                 scratch_reward=scratch_mean,
@@ -1336,27 +1345,98 @@ def load_policy(path: str | Path) -> LearningAgent:
     return agent
 
 
-def transfer_weights(source: torch.nn.Module, target: torch.nn.Module) -> tuple[list[str], list[str]]:
+IndexPairs = tuple[list[int], list[int]]  # (source indices, target indices) of the same meaning
+
+
+@dataclass(frozen=True)
+class FeatureMatch:
+    """Which observation features and actions two tasks share, by name (see ``match_features``)."""
+
+    inputs: IndexPairs
+    actions: IndexPairs
+    shared_inputs: list[str]
+
+
+def match_features(source_task: Any, target_task: Any) -> FeatureMatch | None:
+    """Observation slots (same name and size) and actions (same label) two task types share.
+
+    The planar tasks share their first 17 observation floats (position, velocity, obstacle,
+    range sensors, ...) and their 8 headings, so a navigation policy's input weights for those
+    still mean something on exploration. None when either task has no such description (a
+    Gymnasium env id): then only layers of identical shape transfer.
+    """
+    described = []
+    for task in (source_task, target_task):
+        envs = make_vector_env(task, 1)
+        try:
+            describe = getattr(envs, "describe", None)
+            described.append(describe() if describe is not None else None)
+        finally:
+            envs.close()
+    source, target = described
+    if source is None or target is None:
+        return None
+    slots = {name: (start, stop) for name, start, stop in source["observation"]}
+    inputs: IndexPairs = ([], [])
+    shared = []
+    for name, start, stop in target["observation"]:
+        if name in slots and slots[name][1] - slots[name][0] == stop - start:
+            inputs[0].extend(range(*slots[name]))
+            inputs[1].extend(range(start, stop))
+            shared.append(name)
+    labels = {label: i for i, label in enumerate(source["actions"])}
+    actions: IndexPairs = ([], [])
+    for j, label in enumerate(target["actions"]):
+        if label in labels:
+            actions[0].append(labels[label])
+            actions[1].append(j)
+    return FeatureMatch(inputs, actions, shared)
+
+
+def transfer_weights(
+    source: torch.nn.Module, target: torch.nn.Module, match: FeatureMatch | None = None
+) -> tuple[list[str], list[str], dict[str, str]]:
     """Copy every layer of ``source`` whose tensors all fit ``target``; the rest keep their init.
 
     Layer by layer, not tensor by tensor: an input layer whose weight no longer fits is
-    re-initialised whole, bias included. Returns (transferred layers, re-initialised layers).
+    re-initialised whole, bias included, unless ``match`` names the inputs (or, for the output
+    layer, the actions) both tasks share. Then the input layer keeps the source's weights for the
+    shared inputs and its bias, and starts the new inputs at zero weight, so the transferred
+    features start as they were and the new inputs are learned into them; the output layer keeps
+    the rows of the shared actions. Returns (transferred layers, re-initialised layers, and for
+    each partly transferred layer, which is also in the second list, what it kept).
     """
     source_state = source.state_dict()
     target_state = target.state_dict()
     layers: dict[str, list[str]] = {}
     for name in target_state:
         layers.setdefault(name.rpartition(".")[0], []).append(name)
-    transferred, reinitialized = [], []
+    first, last = next(iter(layers)), next(reversed(layers))
+    transferred, reinitialized, partial = [], [], {}
     for layer, names in layers.items():
         if all(n in source_state and source_state[n].shape == target_state[n].shape for n in names):
             for n in names:
                 target_state[n] = source_state[n].detach().clone()
             transferred.append(layer)
-        else:
-            reinitialized.append(layer)
+            continue
+        reinitialized.append(layer)
+        weight, bias = f"{layer}.weight", f"{layer}.bias"
+        if match is None or weight not in source_state or bias not in source_state:
+            continue
+        old_w, new_w = source_state[weight], target_state[weight].clone()
+        if layer == first and match.inputs[0] and old_w.shape[0] == new_w.shape[0] and layer != last:
+            new_w.zero_()
+            new_w[:, match.inputs[1]] = old_w[:, match.inputs[0]]
+            target_state[weight], target_state[bias] = new_w, source_state[bias].detach().clone()
+            partial[layer] = f"{len(match.inputs[1])} of {new_w.shape[1]} inputs ({', '.join(match.shared_inputs)})"
+        elif layer == last and match.actions[0] and old_w.shape[1] == new_w.shape[1]:
+            new_b = target_state[bias].clone()
+            new_w[match.actions[1]] = old_w[match.actions[0]]
+            new_b[match.actions[1]] = source_state[bias][match.actions[0]]
+            target_state[weight], target_state[bias] = new_w, new_b
+            partial[layer] = f"{len(match.actions[1])} of {new_w.shape[0]} actions"
     target.load_state_dict(target_state)  # in place: views of the weights stay valid
-    return transferred, reinitialized
+    return transferred, reinitialized, partial
 
 
 def clone_agent(agent: LearningAgent, config: Config | None = None) -> LearningAgent:

@@ -203,7 +203,10 @@ def _print_adapt_table(result: Any, args: argparse.Namespace) -> None:
     console.print(table)
     console.print(f"difference adapted - scratch: {result.improvement:+.4g} over {result.eval_episodes} episodes")
     console.print(f"transferred layers: {', '.join(result.transferred) or 'none'}")
-    console.print(f"re-initialised layers: {', '.join(result.reinitialized) or 'none'}")
+    fresh = [layer for layer in result.reinitialized if layer not in result.partially_transferred]
+    for layer, kept in result.partially_transferred.items():
+        console.print(f"partly transferred: {layer} kept {kept}")
+    console.print(f"re-initialised layers: {', '.join(fresh) or 'none'}")
 
 
 def _percent(value: float | None) -> str:

@@ -126,7 +126,8 @@ def adapt(settings: Settings, layout: Layout) -> StageResult:
         summary=(
             f"{layout.final_model.stem} -> {target} in {result.timesteps:,} steps: reward "
             f"{result.adapted_reward:.2f} adapted vs {result.scratch_reward:.2f} from scratch{success}; "
-            f"{len(result.transferred)} tensors transferred, {len(result.reinitialized)} re-initialised"
+            f"layers transferred {len(result.transferred)}, partly {len(result.partially_transferred)}, "
+            f"re-initialised {len(result.reinitialized) - len(result.partially_transferred)}"
         ),
         model=model,
     )

@@ -29,7 +29,7 @@ from agent import (
 )
 from agent.checkpoint import load_checkpoint_file
 from agent.config import load_config
-from agent.meta import apply_live_hyperparameters, resolve_task, transfer_weights
+from agent.meta import apply_live_hyperparameters, match_features, resolve_task, transfer_weights
 from agent.tasks import CurriculumManager, DifficultyLevel, task_spaces
 
 Trial = optuna.trial.TrialState
@@ -274,10 +274,34 @@ def test_transfer_copies_whole_layers_that_fit():
     source = LearningNetwork(4, 2, hidden_layers=(16, 8))
     target = LearningNetwork(6, 3, hidden_layers=(16, 8))
     fresh = {k: v.clone() for k, v in target.state_dict().items()}
-    transferred, reinitialized = transfer_weights(source, target)
-    assert transferred == ["body.2"] and reinitialized == ["body.0", "head"]
+    transferred, reinitialized, partial = transfer_weights(source, target)
+    assert transferred == ["body.2"] and reinitialized == ["body.0", "head"] and partial == {}
     assert torch.equal(target.state_dict()["body.2.weight"], source.state_dict()["body.2.weight"])
     assert torch.equal(target.state_dict()["body.0.bias"], fresh["body.0.bias"])  # bias fits, layer does not
+
+
+def test_between_task_types_the_shared_inputs_and_actions_transfer_by_name():
+    match = match_features("navigation", "exploration")
+    assert match is not None and match.shared_inputs[:2] == ["position", "velocity"]
+    assert "goal" not in match.shared_inputs and "coverage_map" not in match.shared_inputs
+    assert match.inputs[0] == match.inputs[1] == list(range(17))  # the planar slots lead both layouts
+    assert len(match.actions[0]) == 9  # 8 headings and stop; exploration's scan is new
+    assert match_features("CartPole-v1", "exploration") is None
+
+    source = LearningNetwork(*task_spaces("navigation"), hidden_layers=(16, 8))
+    target = LearningNetwork(*task_spaces("exploration"), hidden_layers=(16, 8))
+    fresh = {k: v.clone() for k, v in target.state_dict().items()}
+    transferred, reinitialized, partial = transfer_weights(source, target, match)
+    assert transferred == ["body.2"] and reinitialized == ["body.0", "head"]
+    assert set(partial) == {"body.0", "head"} and partial["head"] == "9 of 10 actions"
+    old, new = source.state_dict(), target.state_dict()
+    assert torch.equal(new["body.0.weight"][:, :17], old["body.0.weight"][:, :17])
+    assert torch.count_nonzero(new["body.0.weight"][:, 17:]) == 0  # new inputs start at zero weight
+    assert torch.equal(new["body.0.bias"], old["body.0.bias"])
+    rows_src, rows_tgt = match.actions
+    assert torch.equal(new["head.weight"][rows_tgt], old["head.weight"][rows_src])
+    scan = sorted(set(range(10)) - set(rows_tgt))
+    assert torch.equal(new["head.weight"][scan], fresh["head.weight"][scan])  # the new action: fresh init
 
 
 def test_adaptation_between_tasks_of_different_sizes_reports_both_rewards(tmp_path):
