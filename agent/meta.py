@@ -1393,6 +1393,12 @@ def match_features(source_task: Any, target_task: Any) -> FeatureMatch | None:
     return FeatureMatch(inputs, actions, shared)
 
 
+def _fits(pairs: IndexPairs, source_size: int, target_size: int) -> bool:
+    """Non-empty, and every index inside its layer (a policy whose config names another task's
+    layout than the one it was built for must not be copied into by that layout)."""
+    return bool(pairs[0]) and max(pairs[0]) < source_size and max(pairs[1]) < target_size
+
+
 def transfer_weights(
     source: torch.nn.Module, target: torch.nn.Module, match: FeatureMatch | None = None
 ) -> tuple[list[str], list[str], dict[str, str]]:
@@ -1424,12 +1430,12 @@ def transfer_weights(
         if match is None or weight not in source_state or bias not in source_state:
             continue
         old_w, new_w = source_state[weight], target_state[weight].clone()
-        if layer == first and match.inputs[0] and old_w.shape[0] == new_w.shape[0] and layer != last:
+        if layer == first and _fits(match.inputs, old_w.shape[1], new_w.shape[1]) and old_w.shape[0] == new_w.shape[0]:
             new_w.zero_()
             new_w[:, match.inputs[1]] = old_w[:, match.inputs[0]]
             target_state[weight], target_state[bias] = new_w, source_state[bias].detach().clone()
             partial[layer] = f"{len(match.inputs[1])} of {new_w.shape[1]} inputs ({', '.join(match.shared_inputs)})"
-        elif layer == last and match.actions[0] and old_w.shape[1] == new_w.shape[1]:
+        elif layer == last and _fits(match.actions, old_w.shape[0], new_w.shape[0]) and old_w.shape[1] == new_w.shape[1]:
             new_b = target_state[bias].clone()
             new_w[match.actions[1]] = old_w[match.actions[0]]
             new_b[match.actions[1]] = source_state[bias][match.actions[0]]

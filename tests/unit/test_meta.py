@@ -303,6 +303,10 @@ def test_between_task_types_the_shared_inputs_and_actions_transfer_by_name():
     scan = sorted(set(range(10)) - set(rows_tgt))
     assert torch.equal(new["head.weight"][scan], fresh["head.weight"][scan])  # the new action: fresh init
 
+    # A layout that does not fit the networks (a config naming another task) copies nothing.
+    small_source, small_target = LearningNetwork(4, 2, hidden_layers=(8,)), LearningNetwork(6, 3, hidden_layers=(8,))
+    assert transfer_weights(small_source, small_target, match)[2] == {}
+
 
 def test_adaptation_between_tasks_of_different_sizes_reports_both_rewards(tmp_path):
     config = load_config(overrides=["network.hidden_size=32", "train.learning_starts=64", "evaluate.episodes=2"])
