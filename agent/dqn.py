@@ -239,57 +239,39 @@ class LearningAgent:
         gamma: float,
     ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
         """One update on the local batch plus an optional memory batch; returns detached stats
-        and the TD errors of the memory rows (None without them)."""
-        if self._closed_form is not None:
-            return self._closed_form_step(local, extra, extra_weights, gamma)
-        extra_td = None
+        and the TD errors of the memory rows (None without them).
+
+        Gradients come from ``ClosedFormTD`` for plain MLPs, from autograd otherwise; the losses
+        are the same either way.
+        """
+        n_local = local.obs.shape[0]
+        weights: torch.Tensor | None = None
         if extra is None:
-            per_sample, q_taken = self._per_sample_loss(local, gamma)
-            local_loss = per_sample.mean()
-            memory_loss = self._zero
-            total = local_loss
+            batch, scale = local, 1.0 / n_local
         else:
             # One forward pass over both batches, two losses reported apart.
-            joined = Transitions(*(torch.cat([a, b]) for a, b in zip(local, extra)))
-            per_sample, q_taken, td = self._td_loss(joined, gamma)
-            n_local = local.obs.shape[0]
-            extra_td = td[n_local:]
-            local_loss = per_sample[:n_local].mean()
-            memory_part = per_sample[n_local:]
-            memory_loss = (memory_part * extra_weights).mean() if extra_weights is not None else memory_part.mean()
+            n_extra = extra.obs.shape[0]
+            weights = extra_weights if extra_weights is not None else torch.ones(n_extra, device=self.device)
+            batch = Transitions(*(torch.cat([a, b]) for a, b in zip(local, extra)))
+            scale = torch.cat([torch.full((n_local,), 1.0 / n_local, device=self.device), weights / n_extra])
+        if self._closed_form is not None:
+            per_sample, q_taken, td, grads = self._closed_form.step(batch, gamma, scale)
+        else:
+            per_sample, q_taken, td = self._td_loss(batch, gamma)
+        local_loss = per_sample[:n_local].mean()
+        if weights is None:
+            memory_loss, total = self._zero, local_loss
+        else:
+            memory_loss = (per_sample[n_local:] * weights).mean()
             total = local_loss + memory_loss
-        grad_norm = self.optimizer.step(total, self.config.train.max_grad_norm)
+        if self._closed_form is not None:
+            grad_norm = self.optimizer.apply(grads, self.config.train.max_grad_norm)
+        else:
+            grad_norm = self.optimizer.step(total, self.config.train.max_grad_norm)
         self.training_steps += 1
         self._maybe_update_target()
         stats = (total.detach(), local_loss.detach(), memory_loss.detach(), q_taken.detach().mean(), grad_norm)
-        return stats, extra_td
-
-    def _closed_form_step(
-        self,
-        local: Transitions,
-        extra: Transitions | None,
-        extra_weights: torch.Tensor | None,
-        gamma: float,
-    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
-        """``_gradient_step`` for plain MLPs: the same losses, gradients from ``ClosedFormTD``."""
-        n_local = local.obs.shape[0]
-        if extra is None:
-            per_sample, q_taken, _, grads = self._closed_form.step(local, gamma, 1.0 / n_local)
-            local_loss = per_sample.mean()
-            memory_loss, total, extra_td = self._zero, local_loss, None
-        else:
-            n_extra = extra.obs.shape[0]
-            weights = extra_weights if extra_weights is not None else torch.ones(n_extra, device=self.device)
-            scale = torch.cat([torch.full((n_local,), 1.0 / n_local, device=self.device), weights / n_extra])
-            joined = Transitions(*(torch.cat([a, b]) for a, b in zip(local, extra)))
-            per_sample, q_taken, td, grads = self._closed_form.step(joined, gamma, scale)
-            local_loss = per_sample[:n_local].mean()
-            memory_loss = (per_sample[n_local:] * weights).mean()
-            total, extra_td = local_loss + memory_loss, td[n_local:]
-        grad_norm = self.optimizer.apply(grads, self.config.train.max_grad_norm)
-        self.training_steps += 1
-        self._maybe_update_target()
-        return (total, local_loss, memory_loss, q_taken.mean(), grad_norm), extra_td
+        return stats, (None if weights is None else td[n_local:])
 
     def _maybe_update_target(self) -> None:
         train = self.config.train
