@@ -5,7 +5,8 @@ so there is exactly one place to change a default. Layers are applied in order:
 
 1. the project's ``params.yaml`` (``$LAGENT_PARAMS`` points elsewhere),
 1b. the ``profiles`` entry of the chosen task (``train.task``), if params.yaml has one: the
-   settings that task needs beyond the project-wide defaults (see :func:`task_profile`),
+   settings that task needs beyond the project-wide defaults (see :func:`task_profile`;
+   :func:`config_for_task` moves a loaded config to another task the same way),
 2. any number of params.yaml-shaped files (partial files are fine: they override what they name),
 3. ``section.key=value`` overrides (the CLI's ``--set``; values are parsed as YAML),
 4. keyword arguments of the Python API (applied by the caller with :func:`with_overrides`).
@@ -17,16 +18,24 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
+import time
+import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS_PATH = PROJECT_ROOT / "params.yaml"
 PROFILES = "profiles"  # params.yaml's per-task settings, see task_profile()
+
+
+AUTO_COLLECTION = "auto"
+"""``memory.collection`` value meaning: a new collection for every run."""
+_COLLECTION_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 class ConfigError(ValueError):
@@ -70,6 +79,23 @@ class ReplayConfig(_Section):
     """Transitions fetched from the Memory service per learning step (0: local replay only)."""
     similar_batch_size: int = Field(ge=0)
     """Similar past experiences (from the Memory service) added to each learning batch."""
+    similar_embedding: Literal["state", "network"]
+    """What 'similar' compares: 'state', the raw observations the service indexes; 'network', the
+    Q-network's penultimate layer, computed at query time by the current network for the query
+    and for ``similar_candidates`` neighbours per query the service found by state (so both
+    sides come from the same weights and nothing stored goes stale)."""
+    similar_prefer_success: bool
+    """Of the ``similar_candidates`` neighbours per query, keep those from the episodes with the
+    highest stored return (distance breaks ties; rows of unknown return come last). Needs rows
+    stored with their episode's return (``tag_episode_returns``, by whoever wrote them)."""
+    similar_candidates: int = Field(ge=1, le=50)
+    """Neighbours fetched per query when ``similar_embedding`` is 'network' or
+    ``similar_prefer_success`` is on, as a multiple of the k kept (1: no choice among them; at
+    most 50, so that k <= 5 times it stays within the service's default ``max_k`` of 256)."""
+    tag_episode_returns: bool
+    """Store each episode's rows in the Memory service when it ends, tagged with its return
+    (for ``similar_prefer_success``); the service then receives them one episode later. Rows of
+    episodes still running when training stops are stored untagged."""
 
 
 class TrainConfig(_Section):
@@ -119,7 +145,9 @@ class TrainConfig(_Section):
     max_episodes: int | None = Field(ge=1)
     """Episode budget (null: no episode budget)."""
     max_steps_per_episode: int = Field(ge=1)
-    """Episodes are truncated after this many steps (or the env's own limit, if lower)."""
+    """Gymnasium envs' episodes are truncated after this many steps (or the env's own limit, if
+    lower). A task type's episodes end at its stage's time limit (time_limit / tasks.dt steps),
+    which this does not cut: set the stage's time_limit to shorten them."""
     total_timesteps: int | None = Field(ge=1)
     """Environment-step budget (null: no step budget). Training stops at the first budget reached."""
     checkpoint_frequency: int = Field(ge=1)
@@ -127,7 +155,11 @@ class TrainConfig(_Section):
     save_buffer: bool
     """Include the replay buffer in checkpoints, so that a resumed run continues exactly."""
     log_interval: int = Field(ge=1)
-    """Environment steps between aggregated metric writes."""
+    """Environment steps between aggregated metric writes (losses, throughput, system and Memory
+    service readings, per-layer gradient norms)."""
+    histogram_interval: int = Field(ge=0)
+    """Gradient updates between weight and gradient histograms of every layer (TensorBoard);
+    0 disables them."""
     eval_frequency: int = Field(ge=0)
     """Environment steps between greedy evaluations during training (0: none)."""
     eval_episodes: int = Field(ge=1)
@@ -157,8 +189,11 @@ class MemoryConfig(_Section):
     """Seconds a request may take in total."""
     connect_timeout: float = Field(gt=0.0)
     """Seconds to wait for a connection: short, so that a down service costs almost nothing."""
-    collection: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
-    """Collection that keeps this run's transitions apart from other tasks and agents."""
+    collection: str | None
+    """Where a run's transitions go and replay comes from. 'auto' (or null): a new collection for
+    every run, so that no run replays another's experience and one seed gives one result; a name:
+    that collection, shared by every run that names it (knowledge transfer: a run replays what
+    earlier runs stored there)."""
     capacity: int | None = Field(ge=1)
     """Transitions the collection keeps (oldest evicted first) if this run creates it; null: the
     service's default (1M)."""
@@ -177,6 +212,19 @@ class MemoryConfig(_Section):
     (CLI and flows; stopped again when the run ends)."""
     data_dir: str = Field(min_length=1)
     """Durable log directory of a service started that way (relative to the working directory)."""
+
+    @field_validator("collection")
+    @classmethod
+    def _collection(cls, value: str | None) -> str:
+        if value is None or value == AUTO_COLLECTION:
+            return AUTO_COLLECTION
+        if not _COLLECTION_NAME.fullmatch(value):
+            raise ValueError(
+                f"{value!r} is not a collection name: use 'auto' (a new collection for every run) "
+                "or a name of 1-64 characters A-Z a-z 0-9 _ . - (one collection shared by every "
+                "run that names it)"
+            )
+        return value
 
 
 class Config(_Section):
@@ -418,6 +466,50 @@ def with_overrides(config: Config, **sections: Mapping[str, Any] | None) -> Conf
         return Config.model_validate(_deep_merge(data, update))
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, "keyword arguments")) from None
+
+
+def config_for_task(
+    config: Config, task: str, keep: Mapping[str, Mapping[str, Any]] | None = None
+) -> Config:
+    """``config`` moved to ``task`` as if it had been loaded for it (its ``profiles`` entry applied).
+
+    A config is loaded for one task (``train.task``, with that task's profile); handed to a
+    trainer of another task (the spec's ``TrainingManager(learning_agent=LearningAgent(...),
+    task_type=TaskType.EXPLORATION)``), it must give what ``lagent train --task`` gives. So every
+    setting still at the value loading for the old task gives takes the value loading for the new
+    task gives (the new profile's, else the default); a setting that differs was chosen by the
+    user (``--set``, a params file, a keyword argument) and stays, as does every key of ``keep``
+    (``{section: {key: ...}}``: values chosen explicitly, even if they equal a default).
+    """
+    if str(task).lower() == config.train.task.lower():
+        return config if task == config.train.task else with_overrides(config, train={"task": task})
+    old = load_config(overrides=[{"train": {"task": config.train.task}}]).to_dict()
+    new = load_config(overrides=[{"train": {"task": task}}]).to_dict()
+    data = config.to_dict()
+    keep = keep or {}
+    for section, values in data.items():
+        kept = keep.get(section) or {}
+        for key, value in values.items():
+            if key not in kept and value == old[section][key]:
+                values[key] = new[section][key]
+    data["train"]["task"] = task
+    return Config.model_validate(data)
+
+
+def run_collection_name(prefix: str) -> str:
+    """A new Memory-service collection name: ``{prefix}-{YYYYmmdd-HHMMSS}-{6 hex}``."""
+    prefix = re.sub(r"[^A-Za-z0-9_.-]+", "-", prefix).strip("-")[:40] or "run"
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def with_run_collection(config: Config, prefix: str) -> Config:
+    """``config`` with ``memory.collection: auto`` replaced by a new name of this run's own (see
+    :func:`run_collection_name`); a named collection is kept. Resolve at the run's edge, before
+    the config is saved with the run, so that a resumed run replays its own collection."""
+    if config.memory.collection != AUTO_COLLECTION:
+        return config
+    memory = config.memory.model_copy(update={"collection": run_collection_name(prefix)})
+    return config.model_copy(update={"memory": memory})
 
 
 def config_from_dict(data: Mapping[str, Any], source: str = "checkpoint") -> Config:

@@ -9,6 +9,7 @@ the nearest stored neighbours of recent states ("knowledge transfer").
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,8 +19,11 @@ import torch.nn.functional as F
 
 from agent.closed_form import ClosedFormTD
 from agent.config import Config, load_config, resolve_device, with_overrides
+from agent.memory_client import NearestExperiences
+from agent.monitoring import parameter_names
 from agent.network import LearningNetwork, NetworkArchitecture, NumpyPolicy
 from agent.optim import FastAdam
+from agent.seeding import seeded_torch_rng
 from agent.replay import ExperienceBuffer, Transitions
 
 log = logging.getLogger(__name__)
@@ -64,12 +68,11 @@ class LearningAgent:
         train_overrides: Mapping[str, Any] | None = None,
     ) -> None:
         base = config if config is not None else load_config()
-        self.config = with_overrides(
-            base,
-            run={k: v for k, v in {"device": device, "seed": seed}.items() if v is not None},
-            network={"hidden_size": hidden_size, "hidden_layers": None} if hidden_size is not None else None,
-            replay={"local_buffer_size": local_buffer_size} if local_buffer_size is not None else None,
-            train={
+        explicit: dict[str, dict[str, Any]] = {
+            "run": {k: v for k, v in {"device": device, "seed": seed}.items() if v is not None},
+            "network": {"hidden_size": hidden_size, "hidden_layers": None} if hidden_size is not None else {},
+            "replay": {"local_buffer_size": local_buffer_size} if local_buffer_size is not None else {},
+            "train": {
                 **{
                     k: v
                     for k, v in {
@@ -81,29 +84,27 @@ class LearningAgent:
                 },
                 **(train_overrides or {}),
             },
-        )
+        }
+        # What the caller chose by keyword: a trainer of another task applies that task's profile
+        # to everything else (see use_config and agent.config.config_for_task), never to these.
+        self.explicit_settings = {name: values for name, values in explicit.items() if values}
+        self.config = with_overrides(base, **explicit)
         cfg = self.config
         if cfg.run.torch_threads > 0:
             torch.set_num_threads(cfg.run.torch_threads)
         self.device = resolve_device(cfg.run.device)
         self.input_size, self.output_size = int(input_size), int(output_size)
-        self.architecture = architecture or NetworkArchitecture(
-            input_dim=self.input_size,
-            output_dim=self.output_size,
-            hidden_layers=cfg.network.hidden_layers or (cfg.network.hidden_size,) * cfg.network.num_hidden_layers,
-            activation=cfg.network.activation,
-            dropout=cfg.network.dropout,
-            dueling=cfg.network.dueling,
-        )
+        self._architecture_from_config = architecture is None
+        self.architecture = architecture or self._config_architecture(cfg)
         if (self.architecture.input_dim, self.architecture.output_dim) != (self.input_size, self.output_size):
             raise ValueError(
                 f"architecture is {self.architecture.input_dim}->{self.architecture.output_dim}, "
                 f"agent is {self.input_size}->{self.output_size}"
             )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.run.seed)
+        with seeded_torch_rng(cfg.run.seed):  # both inits: the target's draws would disturb another thread's
             self.q_network = LearningNetwork.from_architecture(self.architecture).to(self.device)
-        self.target_network = LearningNetwork.from_architecture(self.architecture).to(self.device)
+            self.target_network = LearningNetwork.from_architecture(self.architecture).to(self.device)
+        self.q_network.seed_dropout(cfg.run.seed)
         self.target_network.load_state_dict(self.q_network.state_dict())
         self.target_network.requires_grad_(False)
         self.q_network.eval()
@@ -117,6 +118,14 @@ class LearningAgent:
         self.training_steps = 0
         self._params = list(self.q_network.parameters())
         self._target_params = list(self.target_network.parameters())
+        names = parameter_names(self.q_network)
+        self._param_names = [names[id(p)] for p in self._params]  # hidden_0.weight, ..., head.bias
+        layers = [name.rsplit(".", 1)[0] for name in self._param_names]
+        self._layer_names = list(dict.fromkeys(layers))
+        self._layer_index = torch.tensor([self._layer_names.index(x) for x in layers], device=self.device)
+        # Weight and gradient snapshots every train.histogram_interval updates, for the trainer to
+        # log; bounded, so an agent trained without a trainer does not hoard them.
+        self.histograms: deque[tuple[int, dict[str, np.ndarray]]] = deque(maxlen=4)
         self.last_similar_count = 0
         self._warned_dim = False
         self._zero = torch.zeros((), device=self.device)
@@ -127,6 +136,50 @@ class LearningAgent:
         )
         self._numpy_policy = (
             NumpyPolicy(self.q_network) if NumpyPolicy.supports(self.q_network) else None
+        )
+
+    def use_config(self, config: Config) -> None:
+        """Adopt ``config`` (a trainer's: its task, its ``training_config``) before training.
+
+        What the agent built from its old config follows: the optimiser's step size, the
+        closed-form update's settings, and the local buffer's capacity while it is still empty
+        (a filled buffer is kept as it is). The network is not rebuilt: if ``config`` describes
+        another network than this agent's, that is an error, unless the agent was given its
+        ``architecture`` (which then rules, as in ``__init__``).
+        """
+        if self._architecture_from_config and self._config_architecture(config) != self.architecture:
+            raise ValueError(
+                f"the configuration for task '{config.train.task}' describes another network than "
+                "this agent's: build the agent with that configuration "
+                f"(LearningAgent(..., config=load_config(overrides=['train.task={config.train.task}'])))"
+            )
+        self.config = config
+        self.set_learning_rate(config.train.learning_rate)
+        capacity = config.replay.local_buffer_size
+        if capacity != self.buffer.capacity:
+            if len(self.buffer) == 0:
+                self.buffer = ExperienceBuffer(capacity, self.input_size, self.device, seed=config.run.seed)
+            else:
+                log.warning(
+                    "keeping the local buffer (capacity %d, already holding experience) although "
+                    "replay.local_buffer_size is now %d",
+                    self.buffer.capacity, capacity,
+                )
+        self._closed_form = (
+            ClosedFormTD(self.q_network, self.target_network, config.train.double_dqn, config.train.loss)
+            if config.train.closed_form_update and ClosedFormTD.supports(self.q_network)
+            else None
+        )
+
+    def _config_architecture(self, cfg: Config) -> NetworkArchitecture:
+        """The network ``cfg``'s ``network`` section describes for this agent's sizes."""
+        return NetworkArchitecture(
+            input_dim=self.input_size,
+            output_dim=self.output_size,
+            hidden_layers=cfg.network.hidden_layers or (cfg.network.hidden_size,) * cfg.network.num_hidden_layers,
+            activation=cfg.network.activation,
+            dropout=cfg.network.dropout,
+            dueling=cfg.network.dueling,
         )
 
     # ------------------------------------------------------------------ acting
@@ -201,11 +254,20 @@ class LearningAgent:
 
     async def get_similar_experiences(
         self, state: Any, memory_client: Any, k: int = 5
-    ) -> Any:
-        """The k stored experiences nearest to ``state`` (None when the service is unavailable)."""
+    ) -> NearestExperiences | None:
+        """The k stored experiences nearest to ``state``, nearest first; None when the service is
+        unavailable (or holds nothing yet).
+
+        Each has the state, action, reward, next state, done flag and distance. The client's
+        queued writes are delivered first, so an experience stored just before is found: the
+        spec calls this right after ``store_experience`` and expects to read its own writes.
+        """
         if memory_client is None:
             return None
-        return await memory_client.search_similar(np.asarray(state, dtype=np.float32), k=k)
+        found = await memory_client.search_similar(
+            np.asarray(state, dtype=np.float32), k=k, read_own_writes=True
+        )
+        return None if found is None else NearestExperiences(found)
 
     # ------------------------------------------------------------------ learning
 
@@ -264,14 +326,40 @@ class LearningAgent:
         else:
             memory_loss = (per_sample[n_local:] * weights).mean()
             total = local_loss + memory_loss
-        if self._closed_form is not None:
-            grad_norm = self.optimizer.apply(grads, self.config.train.max_grad_norm)
-        else:
-            grad_norm = self.optimizer.step(total, self.config.train.max_grad_norm)
+        if self._closed_form is None:
+            grads = list(torch.autograd.grad(total, self._params))
+        interval = self.config.train.histogram_interval
+        snapshot = interval > 0 and (self.training_steps + 1) % interval == 0
+        if snapshot:  # gradients before clipping changes them in place, weights after the update
+            self.histograms.append((self.training_steps + 1, self._copies("gradients", grads)))
+        grad_norm = self.optimizer.apply(grads, self.config.train.max_grad_norm)
         self.training_steps += 1
+        if snapshot:
+            self.histograms[-1][1].update(self._copies("weights", self._params))
         self._maybe_update_target()
         stats = (total.detach(), local_loss.detach(), memory_loss.detach(), q_taken.detach().mean(), grad_norm)
         return stats, (None if weights is None else td[n_local:])
+
+    def _copies(self, kind: str, tensors: list[torch.Tensor]) -> dict[str, np.ndarray]:
+        """``tensors`` (one per parameter) copied to numpy, named ``{kind}/{layer}.{weight|bias}``."""
+        return {
+            f"{kind}/{name}": tensor.detach().to("cpu", copy=True).numpy()
+            for name, tensor in zip(self._param_names, tensors)
+        }
+
+    def layer_gradient_norms(self) -> dict[str, float]:
+        """Each linear layer's gradient norm at the latest update (weight and bias together, before
+        clipping), keyed ``hidden_0``, ..., ``head``; {} before the first update.
+
+        Read off the per-parameter norms the optimizer computes anyway for clipping, so asking
+        once per logging window costs nothing in the update itself.
+        """
+        norms = self.optimizer.last_norms
+        if norms is None:
+            return {}
+        squares = torch.zeros(len(self._layer_names), dtype=norms.dtype, device=norms.device)
+        squares.index_add_(0, self._layer_index, norms.square())
+        return dict(zip(self._layer_names, squares.sqrt().tolist()))
 
     def _maybe_update_target(self) -> None:
         train = self.config.train
@@ -320,21 +408,31 @@ class LearningAgent:
         ``local`` holds the batches of every gradient step ([G, B, ...]); the first
         ceil(similar_batch_size / k) states of each are the queries, all sent in one search
         request (one round trip per training call, not per step), and each step gets the
-        ``similar_batch_size`` neighbours of its own queries.
+        ``similar_batch_size`` neighbours of its own queries. With ``replay.similar_embedding``
+        'network' or ``replay.similar_prefer_success``, ``replay.similar_candidates`` times as
+        many are fetched and :meth:`_choose_neighbours` keeps k per query.
         """
         steps = local.obs.shape[0]
         size = self.config.replay.similar_batch_size
         if memory_client is None or size == 0:
             return [None] * steps
+        replay = self.config.replay
         k = min(size, 5)
         per_step = min(-(-size // k), local.obs.shape[1])
-        queries = local.obs[:, :per_step].reshape(-1, self.input_size).cpu().numpy()
-        found = await memory_client.search_similar(queries, k=k)
+        query_rows = local.obs[:, :per_step].reshape(-1, self.input_size)
+        choosing = replay.similar_embedding == "network" or replay.similar_prefer_success
+        fetch = k * replay.similar_candidates if choosing else k
+        found = await memory_client.search_similar(query_rows.cpu().numpy(), k=fetch)
         if found is None or len(found.batch.ids) == 0 or not self._fits(found.batch.obs, "similar"):
             return [None] * steps
         rows = _transitions_from_numpy(found.batch, self.device)
+        query_index = np.asarray(found.query_index)
+        if choosing and fetch > k:
+            keep = self._choose_neighbours(query_rows, rows.obs, found, k)
+            rows = Transitions(*(t[torch.as_tensor(keep, device=self.device)] for t in rows))
+            query_index = query_index[keep]
         # Answers come in query order (k per query, fewer if the collection is tiny).
-        counts = np.bincount(np.asarray(found.query_index) // per_step, minlength=steps)
+        counts = np.bincount(query_index // per_step, minlength=steps)
         starts = np.concatenate(([0], np.cumsum(counts)))
         batches: list[Transitions | None] = []
         for step in range(steps):
@@ -342,6 +440,41 @@ class LearningAgent:
             batches.append(Transitions(*(t[first:stop] for t in rows)) if stop > first else None)
         self.last_similar_count = max((b.obs.shape[0] for b in batches if b is not None), default=0)
         return batches
+
+    def _choose_neighbours(
+        self, queries: torch.Tensor, candidates: torch.Tensor, found: Any, k: int
+    ) -> np.ndarray:
+        """Which of the candidates (indices, in query order) to keep: k per query.
+
+        Ranked by distance, in the penultimate layer of the current network when
+        ``replay.similar_embedding`` is 'network' (query and candidates embedded now, by the same
+        weights), else as the service measured it between states; with
+        ``replay.similar_prefer_success``, by the candidate's episode return first (highest
+        first, unknown last), distance breaking ties.
+        """
+        query_index = np.asarray(found.query_index)
+        if self.config.replay.similar_embedding == "network":
+            training = self.q_network.training
+            self.q_network.eval()  # no dropout: the embedding of a state is one point
+            try:
+                with torch.inference_mode():
+                    near = self.q_network.features(queries)
+                    near = near[torch.as_tensor(query_index, device=self.device)]
+                    far = self.q_network.features(candidates)
+                    distance = torch.linalg.vector_norm(near - far, dim=1).cpu().numpy()
+            finally:
+                self.q_network.train(training)
+        else:
+            distance = np.asarray(found.distances)
+        keys = [distance]
+        returns = found.batch.episode_returns
+        if self.config.replay.similar_prefer_success and returns is not None:
+            keys.append(np.where(np.isnan(returns), np.inf, -returns))  # high returns first
+        order = np.lexsort((*keys, query_index))  # the last key sorts first: queries stay in order
+        sorted_queries = query_index[order]
+        first = np.searchsorted(sorted_queries, sorted_queries, side="left")
+        rank = np.arange(len(order)) - first
+        return order[rank < k]
 
     async def learn_from_experiences(
         self,
@@ -416,6 +549,7 @@ class LearningAgent:
             "optimizer": self.optimizer.state_dict(),
             "training_steps": self.training_steps,
             "rng": self.rng.bit_generator.state,
+            "dropout_rng": self.q_network.dropout_rng_state(),
             "buffer": self.buffer.state_dict(include_data=include_buffer),
         }
 
@@ -428,5 +562,7 @@ class LearningAgent:
         self.optimizer.load_state_dict(state["optimizer"])
         self.training_steps = int(state["training_steps"])
         self.rng.bit_generator.state = state["rng"]
+        if state.get("dropout_rng") is not None:
+            self.q_network.set_dropout_rng_state(state["dropout_rng"])
         if "buffer" in state:
             self.buffer.load_state_dict(state["buffer"])

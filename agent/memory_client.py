@@ -12,7 +12,13 @@ work to those threads and await the result, so they work from any event loop.
   key at most once, so retries after a lost answer never store a batch twice. The outbox is
   bounded (``max_outbox_bytes``); past that, new rows are dropped and counted in ``dropped``.
 - Reads: ``get_replay_batch`` and ``search_similar`` run on a reader thread; the next replay batch
-  is prefetched while the learner works on the current one.
+  is prefetched while the learner works on the current one. With a ``seed``, replay is
+  reproducible: a request carries a seed from the client's generator and the count of rows queued
+  when the learner asked; the reader thread makes sure the service holds them (one flush path,
+  shared with read-your-own-writes search), and the service draws from exactly those rows.
+- Latency: every answered request's round trip (httpx's ``response.elapsed``) goes into a
+  :class:`LatencyWindow`; ``metrics()`` reports its p50/p99 and ``new_latency_window()`` starts
+  the next window (the trainer does, once per logging window).
 - Failures: a 1 s connect timeout, backoff between retries, and a circuit breaker. While the
   breaker is open, reads return ``None`` at once (no network), writes wait in the outbox, and the
   writer thread probes the service now and then; the first success closes the breaker.
@@ -65,6 +71,9 @@ class ReplayBatch(NamedTuple):
     next_obs: np.ndarray  # float32 [B, D]
     dones: np.ndarray  # float32 [B] (1.0 = terminated)
     weights: np.ndarray  # float32 [B] importance weights (all 1.0 for uniform sampling)
+    # float32 [B]: the return of each row's episode, as its writer stored it (NaN: unknown);
+    # None from a service that does not keep it.
+    episode_returns: np.ndarray | None = None
 
 
 class SimilarExperiences(NamedTuple):
@@ -73,6 +82,92 @@ class SimilarExperiences(NamedTuple):
     batch: ReplayBatch
     distances: np.ndarray  # float32 [Q*k], Euclidean
     query_index: np.ndarray  # int64 [Q*k], which query each row answers
+
+
+class Experience(NamedTuple):
+    """One stored transition a similarity search found, and how far its state lies from the query."""
+
+    state: np.ndarray  # float32 [D]
+    action: int
+    reward: float
+    next_state: np.ndarray  # float32 [D]
+    done: bool  # the episode terminated (not merely truncated) after this step
+    distance: float  # Euclidean, between the query and ``state``
+    id: int  # the row's id in the collection
+    query: int  # which query it answers (always 0 for one state)
+
+
+class NearestExperiences(tuple[Experience, ...]):
+    """The spec's ``similar_experiences``: the k nearest stored experiences, nearest first.
+
+    A sequence of :class:`Experience` (``len(similar) == k`` once the collection holds k rows,
+    ``similar[0].state``, ...), as the spec's ``get_similar_experiences`` is read. It keeps the
+    columnar arrays of :class:`SimilarExperiences` too (``batch``, ``distances``,
+    ``query_index``), for code that feeds them to torch in one piece.
+    """
+
+    batch: ReplayBatch
+    distances: np.ndarray
+    query_index: np.ndarray
+
+    def __new__(cls, found: SimilarExperiences) -> NearestExperiences:
+        batch = found.batch
+        rows = (
+            Experience(
+                state=batch.obs[i],
+                action=int(batch.actions[i]),
+                reward=float(batch.rewards[i]),
+                next_state=batch.next_obs[i],
+                done=bool(batch.dones[i]),
+                distance=float(found.distances[i]),
+                id=int(batch.ids[i]),
+                query=int(found.query_index[i]),
+            )
+            for i in range(len(batch.ids))
+        )
+        self = super().__new__(cls, rows)
+        self.batch, self.distances, self.query_index = found
+        return self
+
+
+class LatencyWindow:
+    """Round-trip times of the requests of one window, by kind ("read", "write"); thread-safe.
+
+    The reader and writer threads record; the training loop reads the percentiles once per
+    logging window and starts a new window. Each kind keeps at most ``max_samples`` (the latest).
+    """
+
+    KINDS = ("read", "write")
+
+    def __init__(self, max_samples: int = 65_536) -> None:
+        self._lock = threading.Lock()
+        self._samples: dict[str, deque[float]] = {k: deque(maxlen=max_samples) for k in self.KINDS}
+
+    def record(self, kind: str, seconds: float) -> None:
+        with self._lock:
+            self._samples[kind].append(seconds)
+
+    def reset(self) -> None:
+        with self._lock:
+            for samples in self._samples.values():
+                samples.clear()
+
+    def summary(self) -> dict[str, float]:
+        """``round_trips`` (the window's count) and, once there is one, ``latency_p50_ms``,
+        ``latency_p99_ms``, ``latency_max_ms`` over all requests and p50/p99 per kind
+        (``read_latency_p50_ms``, ...)."""
+        with self._lock:
+            samples = {kind: np.fromiter(values, np.float64) for kind, values in self._samples.items()}
+        every = np.concatenate(list(samples.values()))
+        result = {"round_trips": float(len(every))}
+        if len(every):
+            p50, p99 = np.percentile(every, (50, 99)) * 1000.0
+            result.update(latency_p50_ms=p50, latency_p99_ms=p99, latency_max_ms=every.max() * 1000.0)
+        for kind, values in samples.items():
+            if len(values):
+                p50, p99 = np.percentile(values, (50, 99)) * 1000.0
+                result[f"{kind}_latency_p50_ms"], result[f"{kind}_latency_p99_ms"] = p50, p99
+        return {name: float(value) for name, value in result.items()}
 
 
 class CircuitBreaker:
@@ -245,6 +340,7 @@ def _batch_from(arrays: dict[str, np.ndarray]) -> ReplayBatch:
         next_obs=arrays["next_obs"],
         dones=arrays["dones"],
         weights=weights,
+        episode_returns=arrays.get("episode_returns"),
     )
 
 
@@ -271,13 +367,23 @@ class MemoryClient:
         breaker_reset: float = 0.25,
         breaker_max_reset: float = 2.0,
         close_timeout: float = 5.0,
+        seed: int | None = None,
     ) -> None:
         """``timeout`` bounds a write; reads use ``read_timeout`` (default min(timeout, 5 s)),
         because a learner should never wait 30 s for a replay batch it can do without.
         ``capacity`` is used only if this client creates the collection. ``token`` defaults to
         the environment variable ``MEMORY_TOKEN``, as the service's does. ``outbox_dir`` keeps
         undelivered writes across processes (default: a temporary directory, removed once
-        drained). ``close_timeout`` is how long :meth:`close` waits to deliver queued writes."""
+        drained). ``close_timeout`` is how long :meth:`close` waits to deliver queued writes.
+
+        ``seed`` makes replay reproducible: each sample request carries a seed drawn from a
+        generator seeded with it, and the number of rows this client had queued when it was made;
+        the service holds those rows before it answers (the reader thread delivers them first if
+        need be) and draws only from the rows stored up to the last of them. So one seed and one
+        sequence of stores and requests give the same batches, however the writes were timed.
+        Exact for uniform replay when no other client writes to the collection meanwhile;
+        prioritized batches also depend on when priority updates arrive. None: the service
+        draws with its own generator from whatever it holds."""
         if not _COLLECTION_NAME.fullmatch(collection):
             raise ValueError(f"collection name {collection!r}: use 1-64 of A-Z a-z 0-9 _ . -")
         if token is None:
@@ -305,6 +411,7 @@ class MemoryClient:
             timeout=httpx.Timeout(timeout, connect=connect_timeout),
         )
         read_timeout = min(timeout, 5.0) if read_timeout is None else read_timeout
+        self.read_timeout = read_timeout
         self._read_http = httpx.Client(
             base_url=self.base_url,
             headers=headers,
@@ -316,6 +423,13 @@ class MemoryClient:
         self._ready: deque[ReplayBatch] = deque()
         self._in_flight: Future[list[ReplayBatch] | None] | None = None
         self._priority_updates_in_flight = 0
+        self._sample_rng = None if seed is None else np.random.default_rng(seed)
+        # This client's rows: queued so far, and settled (acknowledged, or refused or dropped for
+        # good); the collection id its first row got, and the id after its latest acknowledged row.
+        self._rows_in = 0
+        self._rows_settled = 0
+        self._id_base: int | None = None
+        self._id_end = 0
         # Staging: rows copied in by store_*, not yet encoded into an outbox file.
         self._client_id = uuid.uuid4().hex[:16]
         self._seq = 0
@@ -340,6 +454,7 @@ class MemoryClient:
             0,
         )
         self._count_lock = threading.Lock()
+        self.latency = LatencyWindow()
         self._drained = threading.Condition()
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -353,12 +468,24 @@ class MemoryClient:
         cls, config: Any, *, outbox_dir: str | Path | None = None, **overrides: Any
     ) -> MemoryClient:
         """A client for the ``memory`` section of params.yaml (a :class:`~agent.config.Config` or
-        its ``memory`` section); keyword arguments override single settings."""
+        its ``memory`` section); keyword arguments override single settings.
+
+        Given a whole Config, replay is seeded with ``run.seed`` (see ``seed`` above). A
+        collection still ``auto`` (the caller did not resolve it for its run with
+        :func:`agent.config.with_run_collection`) becomes a new collection of this client's own."""
         memory = getattr(config, "memory", config)
+        collection = memory.collection
+        if collection == "auto":
+            from agent.config import run_collection_name
+
+            collection = run_collection_name("client")
+            log.info("memory.collection is auto: this client writes to new collection %s", collection)
+        run = getattr(config, "run", None)
         settings: dict[str, Any] = {
+            "seed": None if run is None else run.seed,
             "timeout": memory.timeout,
             "connect_timeout": memory.connect_timeout,
-            "collection": memory.collection,
+            "collection": collection,
             "capacity": memory.capacity,
             "max_outbox_bytes": int(memory.max_outbox_mb * 2**20),
             "close_timeout": memory.flush_timeout,
@@ -414,8 +541,14 @@ class MemoryClient:
         with self._count_lock:
             self._counts[name] += n
 
+    def new_latency_window(self) -> None:
+        """Start a new latency window: ``metrics()``'s percentiles cover requests from now on."""
+        self.latency.reset()
+
     def metrics(self) -> dict[str, float]:
-        """Health and delivery counters (rows), for the training loop's metrics sink."""
+        """Health and delivery counters (rows), for the training loop's metrics sink, and the
+        round-trip latency of the requests since :meth:`new_latency_window` (see
+        :meth:`LatencyWindow.summary`: ``latency_p50_ms``, ``latency_p99_ms``, ...)."""
         with self._count_lock:
             counts = dict(self._counts)
         return {
@@ -426,6 +559,7 @@ class MemoryClient:
             "outbox_bytes": float(self._outbox.bytes),
             "outbox_batches": float(len(self._outbox)),
             **{name: float(value) for name, value in counts.items()},
+            **self.latency.summary(),
         }
 
     # ------------------------------------------------------------------------------- writes
@@ -442,17 +576,31 @@ class MemoryClient:
         )
 
     async def store_transitions(
-        self, obs: Any, actions: Any, rewards: Any, next_obs: Any, dones: Any
+        self,
+        obs: Any,
+        actions: Any,
+        rewards: Any,
+        next_obs: Any,
+        dones: Any,
+        episode_returns: Any = None,
     ) -> None:
         """Queue a batch ([B, D] observations, [B] the rest) and return at once.
 
+        ``episode_returns`` ([B], optional) is the return of the episode each row belongs to, for
+        searches that prefer neighbours from successful episodes; None (or NaN) means unknown.
         Raises ValueError for data the service would refuse (wrong shapes, NaN/inf, dones not
         0/1), so bad rows never reach the outbox.
         """
-        self._stage(*self._check(obs, actions, rewards, next_obs, dones))
+        self._stage(*self._check(obs, actions, rewards, next_obs, dones, episode_returns))
 
     def _check(
-        self, obs: Any, actions: Any, rewards: Any, next_obs: Any, dones: Any
+        self,
+        obs: Any,
+        actions: Any,
+        rewards: Any,
+        next_obs: Any,
+        dones: Any,
+        episode_returns: Any = None,
     ) -> tuple[np.ndarray, ...]:
         obs_a = np.asarray(_numpy(obs), dtype=np.float32)
         next_a = np.asarray(_numpy(next_obs), dtype=np.float32)
@@ -480,7 +628,16 @@ class MemoryClient:
             raise ValueError("obs, next_obs and rewards must be finite (no NaN or infinity)")
         if not np.isin(dones_a, (0.0, 1.0)).all():
             raise ValueError("dones must be 0 or 1 (terminated)")
-        return obs_a, actions_a, rewards_a, next_a, dones_a
+        if episode_returns is None:
+            returns_a = np.full(rows, np.nan, dtype=np.float32)
+        else:
+            returns_a = _numpy(episode_returns).astype(np.float32)
+            if returns_a.size != rows:
+                raise ValueError(f"episode_returns must hold {rows} values, got {returns_a.shape}")
+            returns_a = returns_a.reshape(rows)
+            if np.isinf(returns_a).any():
+                raise ValueError("episode_returns must be finite (NaN: unknown)")
+        return obs_a, actions_a, rewards_a, next_a, dones_a, returns_a
 
     def _stage(
         self,
@@ -489,6 +646,7 @@ class MemoryClient:
         rewards: np.ndarray,
         next_obs: np.ndarray,
         dones: np.ndarray,
+        episode_returns: np.ndarray,
     ) -> None:
         if self._closed:
             raise RuntimeError("MemoryClient is closed")
@@ -498,8 +656,10 @@ class MemoryClient:
             "rewards": rewards,
             "next_obs": next_obs,
             "dones": dones,
+            "episode_returns": episode_returns,
         }
         with self._stage_lock:
+            self._rows_in += len(obs)
             if not self._block:
                 self._dim = obs.shape[1]
                 self._block = {
@@ -532,11 +692,15 @@ class MemoryClient:
             "dim": self._dim,
             "rows": rows,
         }
-        payload = wire.encode({name: value[:rows] for name, value in self._block.items()}, meta)
+        arrays = {name: value[:rows] for name, value in self._block.items()}
+        if np.isnan(arrays["episode_returns"]).all():  # untagged rows: the service assumes unknown
+            del arrays["episode_returns"]
+        payload = wire.encode(arrays, meta)
         self._seq += 1
         self._staged = 0
         if not self._outbox.put(payload, rows):
             self._count("dropped", rows)
+            self._settle(rows)
             if time.monotonic() - self._last_drop_log > 60.0:  # once a minute, not once a batch
                 self._last_drop_log = time.monotonic()
                 log.error(
@@ -560,6 +724,45 @@ class MemoryClient:
             return True
         self._wake.set()
         return await asyncio.to_thread(self._wait_drained, timeout)
+
+    async def _deliver_queued(self, timeout: float | None) -> bool:
+        """Wait until the writes queued before this call are acknowledged (not those other tasks
+        queue meanwhile, which could keep a busy learner waiting for ever); False on timeout."""
+        return await asyncio.to_thread(self._deliver_rows, self._rows_in, timeout)
+
+    def _deliver_rows(self, rows: int, timeout: float | None) -> bool:
+        """Block until this client's first ``rows`` rows are settled (acknowledged, or refused for
+        good); False on timeout. Spools and wakes the writer only when they are not yet: the one
+        flush path of reads that must see this client's writes (search, seeded replay)."""
+        if self._rows_settled >= rows:
+            return True
+        self._spool_partial()
+        self._wake.set()
+        with self._drained:
+            self._drained.wait_for(
+                lambda: self._rows_settled >= rows or self._stopping.is_set(), timeout
+            )
+        return self._rows_settled >= rows
+
+    def _settle(self, rows: int, first_id: int | None = None) -> None:
+        """Count rows of this client settled in queue order; ``first_id``: where the service put
+        them (consecutive ids), for :meth:`_end_id`."""
+        with self._drained:
+            if first_id is not None:
+                if self._id_base is None:
+                    self._id_base = first_id - self._rows_settled
+                self._id_end = first_id + rows
+            self._rows_settled += rows
+            self._drained.notify_all()
+
+    def _end_id(self, rows: int) -> int | None:
+        """The collection id after this client's first ``rows`` rows (None before any is stored).
+
+        Assumes this client's rows got consecutive ids, which holds while it is the only writer
+        (a collection per run); never beyond the last id acknowledged."""
+        if self._id_base is None or rows <= 0:
+            return None
+        return min(self._id_base + rows, self._id_end)
 
     def _wait_drained(self, timeout: float | None) -> bool:
         with self._drained:
@@ -602,15 +805,20 @@ class MemoryClient:
                 continue
             try:
                 response = self._post_batch(meta, payload, key)
-                duplicate = response.status_code < 300 and response.json().get("duplicate") is True
+                answer = response.json() if response.status_code < 300 else {}
+                duplicate = answer.get("duplicate") is True
             except (httpx.HTTPError, ValueError) as exc:
                 return self._write_failed(f"{type(exc).__name__}: {exc}")
             status = response.status_code
+            own = meta.get("client_id") == self._client_id
             if status < 300:
                 self._breaker.success()
                 if duplicate:
                     self._count("duplicates", entry.rows)
                 self._finish(entry, "delivered")
+                if own:
+                    first_id = answer.get("first_id")
+                    self._settle(entry.rows, first_id if isinstance(first_id, int) else None)
             elif status >= 500 or status in (401, 403, 404, 408, 429):
                 return self._write_failed(f"HTTP {status}: {response.text[:200]}")
             else:
@@ -621,6 +829,8 @@ class MemoryClient:
                     response.text[:500],
                 )
                 self._finish(entry, "rejected")
+                if own:
+                    self._settle(entry.rows)
         if self._breaker.is_open and self._breaker.may_probe():
             self._probe()
         return self._breaker.seconds_to_probe() if self._breaker.is_open else 0.5
@@ -630,8 +840,10 @@ class MemoryClient:
         path = f"/v1/collections/{meta['collection']}/transitions"
         headers = {"content-type": wire.CONTENT_TYPE, "idempotency-key": key}
         response = self._write_http.post(path, content=payload, headers=headers)
+        self.latency.record("write", response.elapsed.total_seconds())
         if response.status_code == 404 and self._create_collection(meta):
             response = self._write_http.post(path, content=payload, headers=headers)
+            self.latency.record("write", response.elapsed.total_seconds())
         return response
 
     def _finish(self, entry: _OutboxEntry, outcome: str) -> None:
@@ -685,6 +897,7 @@ class MemoryClient:
             self._count("read_failures")
             log.debug("read %s failed: %s", path, exc)
             return None
+        self.latency.record("read", response.elapsed.total_seconds())
         if response.status_code >= 500:
             self._breaker.failure()
             self._count("read_failures")
@@ -726,19 +939,44 @@ class MemoryClient:
         response = await self._on_reader(self._read, "GET", "/v1/health")
         return response is not None and response.status_code == 200
 
-    def _sample(self, key: tuple[int, bool, float], batches: int) -> list[ReplayBatch] | None:
+    def _submit_sample(
+        self, key: tuple[int, bool, float], batches: int
+    ) -> Future[list[ReplayBatch] | None]:
+        """Queue a sample request on the reader thread; a seeded client draws its seed and notes
+        its row bound here, in the learner's order, so they do not depend on timing."""
+        seed = rows = None
+        if self._sample_rng is not None:
+            seed, rows = int(self._sample_rng.integers(2**63 - 1)), self._rows_in
+        return self._reader.submit(self._sample, key, batches, seed, rows)
+
+    def _sample(
+        self,
+        key: tuple[int, bool, float],
+        batches: int,
+        seed: int | None = None,
+        rows: int | None = None,
+    ) -> list[ReplayBatch] | None:
         batch_size, prioritized, beta = key
         if self._breaker.is_open:
             return None
+        params: dict[str, Any] = {
+            "batch_size": batch_size,
+            "prioritized": prioritized,
+            "beta": beta,
+            "batches": batches,
+        }
+        if seed is not None:
+            params["seed"] = seed
+        if rows:  # draw from what this client had queued by then, once the service holds it
+            if not self._deliver_rows(rows, self.read_timeout):
+                log.debug("sampling before this client's first %d rows reached the service", rows)
+            end_id = self._end_id(rows)
+            if end_id is not None:
+                params["end_id"] = end_id
         response = self._read(
             "GET",
             f"/v1/collections/{self.collection}/sample",
-            params={
-                "batch_size": batch_size,
-                "prioritized": prioritized,
-                "beta": beta,
-                "batches": batches,
-            },
+            params=params,
             headers={"accept": wire.CONTENT_TYPE},
         )
         arrays = self._arrays(response, "sample", _BATCH_FIELDS)
@@ -782,7 +1020,7 @@ class MemoryClient:
             self._ready.clear()
         if not self._ready:
             if self._in_flight is None:
-                self._in_flight = self._reader.submit(self._sample, key, per_request)
+                self._in_flight = self._submit_sample(key, per_request)
             else:
                 self._count("prefetch_hits")
             batches = await asyncio.wrap_future(self._in_flight)
@@ -803,7 +1041,7 @@ class MemoryClient:
             and len(self._ready) < per_request
             and not self._closed
         ):
-            self._in_flight = self._reader.submit(self._sample, key, per_request)
+            self._in_flight = self._submit_sample(key, per_request)
         return batch
 
     async def update_priorities(self, ids: Any, priorities: Any) -> None:
@@ -872,8 +1110,16 @@ class MemoryClient:
             return None
         return SimilarExperiences(_batch_from(arrays), arrays["distances"], arrays["query_index"])
 
-    async def search_similar(self, states: Any, k: int = 5) -> SimilarExperiences | None:
-        """The k stored transitions nearest to each state ([D] or [Q, D]); None if unavailable."""
+    async def search_similar(
+        self, states: Any, k: int = 5, *, read_own_writes: bool = False
+    ) -> SimilarExperiences | None:
+        """The k stored transitions nearest to each state ([D] or [Q, D]); None if unavailable.
+
+        Writes are queued (see the module docstring), so a search right after a store would not
+        find it. ``read_own_writes`` first delivers what this client queued before the call (for
+        its collection; waiting at most ``read_timeout``), so the search sees this client's own
+        writes. The training loop leaves it off: it must not wait for a round trip per step.
+        """
         queries = np.asarray(_numpy(states), dtype=np.float32)
         if queries.ndim == 1:
             queries = queries[None]
@@ -884,4 +1130,6 @@ class MemoryClient:
         if self._closed or self._breaker.is_open:
             self._count("reads_skipped")
             return None
+        if read_own_writes and not await self._deliver_queued(self.read_timeout):
+            log.debug("searching before this client's queued writes reached the service")
         return await self._on_reader(self._search, queries, k)

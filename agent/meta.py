@@ -7,7 +7,9 @@ storage (SQLite by default, any RDB URL, or ``journal:PATH`` for several process
 machine), so running the same study name again resumes it and several workers can share it.
 
 Policy adaptation copies every layer of a trained policy that fits a new task, fine-tunes it there
-and reports its reward next to a policy trained from scratch for the same budget. Periodic
+and reports its reward next to a policy trained from scratch for the same budget. Two more searches
+start every trial from such a transferred policy: how to fine-tune it (``OptimizationType.POLICY``)
+and what to transfer (``OptimizationType.TRANSFER``). Periodic
 optimisation during training tries a few learning settings on copies of the live agent and
 applies the best one (``TrainingManager.train(optimize_interval=...)``).
 
@@ -39,10 +41,12 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from agent.seeding import preserved_torch_rng
 from agent.checkpoint import CheckpointError, load_checkpoint_file
 from agent.config import (
     Config,
     ConfigError,
+    config_for_task,
     config_from_dict,
     load_config,
     load_raw,
@@ -80,12 +84,30 @@ class MetaLearningError(ConfigError):
 
 
 class OptimizationType(str, enum.Enum):
-    """What a meta-learning process optimises."""
+    """What a meta-learning process optimises; :meth:`MetaLearningManager.search` runs any of them.
+
+    The last two start every trial from a trained source policy moved to the target task
+    (``source=``), and differ in what they vary.
+    """
 
     HYPERPARAMETERS = "hyperparameters"
+    """Learning settings of a fresh agent (:meth:`MetaLearningManager.search_hyperparameters`)."""
     ARCHITECTURE = "architecture"
+    """Network shapes (:meth:`MetaLearningManager.search_architecture`)."""
     POLICY = "policy"
+    """Policy adaptation: how a transferred policy is fine-tuned on the target task (its step
+    size, the exploration it restarts with, its warm-up): :meth:`MetaLearningManager.search_policy`."""
     TRANSFER = "transfer"
+    """Knowledge transfer: what the source policy hands over (every layer that fits, the hidden
+    layers only, or nothing; the weights of shared inputs and actions or not),
+    :meth:`MetaLearningManager.search_transfer`."""
+
+
+_FROM_SOURCE = (OptimizationType.POLICY, OptimizationType.TRANSFER)
+
+TransferLayers = Literal["all", "body", "none"]
+"""Which layers of a source policy a transfer copies: every one that fits, the hidden layers only
+(the output head starts fresh), or none (a from-scratch start, the baseline a search must beat)."""
 
 
 # --------------------------------------------------------------------------- configuration
@@ -127,6 +149,9 @@ class MetaConfig(BaseModel):
     adapt_match_features: bool = True
     """Between task types, also keep the input weights of the observation slots and the output
     rows of the actions both tasks share (by name), not only the layers of identical shape."""
+    adapt_transfer_layers: TransferLayers = "all"
+    """Layers a policy adaptation copies from the source: 'all' that fit, 'body' (hidden layers;
+    a fresh output head) or 'none' (see ``lagent optimize --kind transfer``)."""
     online_trials: int = Field(ge=1)
     """Candidates tried by each periodic optimisation during training (besides the unchanged settings)."""
     online_timesteps: int = Field(ge=1)
@@ -385,6 +410,38 @@ def architecture_as_params(architecture: NetworkArchitecture) -> dict[str, dict[
     }
 
 
+ADAPTATION_LEARNING_STARTS = (0, 250, 1000)
+ADAPTATION_EPSILONS = (0.05, 0.2, 0.5, 1.0)
+
+
+def sample_policy_adaptation(trial: optuna.Trial) -> dict[str, dict[str, Any]]:
+    """How a transferred policy is fine-tuned, as a params.yaml overlay: its step size, the
+    exploration it restarts with (``meta.adapt_epsilon_start``) and its warm-up."""
+    return {
+        "train": {
+            "learning_rate": trial.suggest_float("learning_rate", 1e-5, 1e-2, log=True),
+            "learning_starts": trial.suggest_categorical("learning_starts", list(ADAPTATION_LEARNING_STARTS)),
+        },
+        "meta": {
+            "adapt_epsilon_start": trial.suggest_categorical("adapt_epsilon_start", list(ADAPTATION_EPSILONS))
+        },
+    }
+
+
+def sample_transfer(trial: optuna.Trial) -> dict[str, dict[str, Any]]:
+    """What a transfer hands over, as a params.yaml overlay (``meta.adapt_*``)."""
+    layers = trial.suggest_categorical("adapt_transfer_layers", ["all", "body", "none"])
+    # Shared inputs and actions matter only when some layer is copied.
+    match = trial.suggest_categorical("adapt_match_features", [True, False]) if layers != "none" else False
+    return {"meta": {"adapt_transfer_layers": layers, "adapt_match_features": match}}
+
+
+def _trial_overlay(kind: OptimizationType, params: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """A finished POLICY or TRANSFER trial's parameters as the overlay its sampler produced."""
+    fixed = optuna.trial.FixedTrial(dict(params))
+    return sample_policy_adaptation(fixed) if kind is OptimizationType.POLICY else sample_transfer(fixed)
+
+
 # --------------------------------------------------------------------------- storage
 
 
@@ -539,19 +596,22 @@ def run_trial(
     architecture: NetworkArchitecture | None = None,
     *,
     eval_seed: int | None = None,
+    agent: LearningAgent | None = None,
 ) -> float:
-    """Train a fresh agent in chunks, report each evaluation, stop laggards and diverged runs.
+    """Train a fresh agent (or ``agent``, built with ``config``: a transferred policy) in chunks,
+    report each evaluation, stop laggards and diverged runs.
 
     Every trial is evaluated on the same episodes (``eval_seed``, default: the config's
     evaluation seed), so trials differ only in what they learned.
     """
     from agent.training import TrainingManager
 
-    obs_dim, n_actions = (
-        task_spaces(spec.task) if architecture is None else (architecture.input_dim, architecture.output_dim)
-    )
     seed = eval_seed if eval_seed is not None else config.run.seed + config.evaluate.seed_offset
-    agent = LearningAgent(obs_dim, n_actions, config=config, architecture=architecture)
+    if agent is None:
+        obs_dim, n_actions = (
+            task_spaces(spec.task) if architecture is None else (architecture.input_dim, architecture.output_dim)
+        )
+        agent = LearningAgent(obs_dim, n_actions, config=config, architecture=architecture)
     trainer = TrainingManager(
         agent,
         task_type=spec.task,
@@ -641,10 +701,15 @@ class MetaLearningManager:
             self._storages[url] = make_storage(url)
         return self._storages[url]
 
-    def study_name_for(self, kind: OptimizationType | str, task: Any = None) -> str:
-        """'{study_name}/{task}/{kind}': one study per task and kind, resumed by name."""
+    def study_name_for(self, kind: OptimizationType | str, task: Any = None, source: str | None = None) -> str:
+        """'{study_name}/{task}/{kind}': one study per task and kind, resumed by name.
+
+        A search that starts from a source policy (POLICY, TRANSFER) is '{study_name}/{source}->
+        {task}/{kind}': what suits one source policy need not suit another.
+        """
         spec = task if isinstance(task, TaskSpec) else resolve_task(task or self.config.train.task)
-        return f"{self.meta.study_name}/{spec.label}/{OptimizationType(kind).value}"
+        target = spec.label if source is None else f"{source}->{spec.label}"
+        return f"{self.meta.study_name}/{target}/{OptimizationType(kind).value}"
 
     def create_study(
         self,
@@ -652,6 +717,7 @@ class MetaLearningManager:
         options: OptimizationConfig | None = None,
         task: Any = None,
         seed: int | None = None,
+        source: str | None = None,
     ) -> optuna.Study:
         """Create the study, or load it if it exists. With several workers, call it once first.
 
@@ -662,7 +728,7 @@ class MetaLearningManager:
         kind = OptimizationType(kind)
         options = options or self.options()
         spec = task if isinstance(task, TaskSpec) else resolve_task(task or self.config.train.task)
-        name = self.study_name_for(kind, spec)
+        name = self.study_name_for(kind, spec, source)
         study = self._open_study(name, options.direction)
         wanted = optuna.study.StudyDirection[options.direction.upper()]
         if study.direction != wanted:
@@ -730,12 +796,13 @@ class MetaLearningManager:
         options: OptimizationConfig,
         progress: SearchProgress | None,
         seed: int,
+        source: str | None = None,
     ) -> tuple[optuna.Study, list[int]]:
         """Run the trials; returns the study and the numbers of the trials this call ran."""
         _require_no_running_loop(f"search_{kind.value}", f"optimize_{kind.value}")
         if options.metric == "success_rate" and TaskType.parse(spec.task) is None:
             raise MetaLearningError(f"'{spec.task}' reports no success rate: optimise mean_reward")
-        study = self.create_study(kind, options, spec, seed)
+        study = self.create_study(kind, options, spec, seed, source)
         self._last_study[kind] = study.study_name
         ran: list[int] = []  # other workers may add trials to the study meanwhile
         callbacks: list[TrialCallback] = []
@@ -823,8 +890,9 @@ class MetaLearningManager:
         progress: SearchProgress | None = None,
     ) -> SearchResult:
         """Blocking search over the spec's hyperparameters on one task (default: ``train.task``)."""
-        base = config or self.config
-        spec = resolve_task(task or base.train.task, task_params)
+        spec = resolve_task(task or (config or self.config).train.task, task_params)
+        # Trials start from the task's own settings (its profile), as `lagent train --task` would.
+        base = config_for_task(config or self.config, spec.task)
         options = options or self.options()
         eval_seed = base.run.seed + base.evaluate.seed_offset
 
@@ -858,8 +926,8 @@ class MetaLearningManager:
         progress: SearchProgress | None = None,
     ) -> SearchResult:
         """Blocking search over layers, units per layer, dropout and activation."""
-        base = config or self.config
-        spec = resolve_task(task or base.train.task, task_params)
+        spec = resolve_task(task or (config or self.config).train.task, task_params)
+        base = config_for_task(config or self.config, spec.task)
         obs_dim, n_actions = task_spaces(spec.task)
         input_dim = obs_dim if input_dim is None else int(input_dim)
         output_dim = n_actions if output_dim is None else int(output_dim)
@@ -884,6 +952,98 @@ class MetaLearningManager:
             result.best_config = {"train": {"task": spec.task}, **architecture_as_params(self.best_architecture)}
         self._record(result)
         return result
+
+    def search_policy(
+        self,
+        source: Any,
+        task: Any = None,
+        options: OptimizationConfig | None = None,
+        *,
+        config: Config | None = None,
+        task_params: Any = None,
+        trainer: TrainingManager | None = None,
+        progress: SearchProgress | None = None,
+    ) -> SearchResult:
+        """Blocking search over how ``source``'s policy is fine-tuned on ``task`` (policy adaptation).
+
+        Each trial moves the source policy to the task as :meth:`adapt` does (with this manager's
+        transfer settings) and fine-tunes it with sampled settings; ``best_config`` is a params
+        overlay for ``lagent adapt --params``. ``source`` is what :meth:`adapt` accepts.
+        """
+        return self._search_from_source(
+            OptimizationType.POLICY, source, task, options, config, task_params, trainer, progress
+        )
+
+    def search_transfer(
+        self,
+        source: Any,
+        task: Any = None,
+        options: OptimizationConfig | None = None,
+        *,
+        config: Config | None = None,
+        task_params: Any = None,
+        trainer: TrainingManager | None = None,
+        progress: SearchProgress | None = None,
+    ) -> SearchResult:
+        """Blocking search over what ``source``'s policy hands over to ``task`` (knowledge transfer):
+        which layers are copied (including none: the from-scratch baseline) and whether the weights
+        of shared inputs and actions are kept. Fine-tuning uses the configuration's settings."""
+        return self._search_from_source(
+            OptimizationType.TRANSFER, source, task, options, config, task_params, trainer, progress
+        )
+
+    def _search_from_source(
+        self,
+        kind: OptimizationType,
+        source: Any,
+        task: Any,
+        options: OptimizationConfig | None,
+        config: Config | None,
+        task_params: Any,
+        trainer: TrainingManager | None,
+        progress: SearchProgress | None,
+    ) -> SearchResult:
+        policy, label = self._source_policy(source, trainer)
+        spec = resolve_task(task or (config or self.config).train.task, task_params)
+        # The configuration adapt() fine-tunes with, so that what is found applies to it.
+        base = config or (trainer.config if trainer is not None else policy.config)
+        base = with_overrides(base, train={"task": spec.task})
+        options = options or self.options()
+        eval_seed = base.run.seed + base.evaluate.seed_offset
+
+        def objective(trial: optuna.Trial) -> float:
+            overlay = sample_policy_adaptation(trial) if kind is OptimizationType.POLICY else sample_transfer(trial)
+            meta = self.meta.model_copy(update=overlay.get("meta", {}))
+            epsilon = meta.adapt_epsilon_start
+            train = {**overlay.get("train", {}), **({"epsilon_start": epsilon} if epsilon is not None else {})}
+            trial_config = with_overrides(base, run={"seed": base.run.seed + trial.number}, train=train)
+            adapted, *_ = transfer_policy(
+                policy, spec.task, trial_config, match=meta.adapt_match_features, layers=meta.adapt_transfer_layers
+            )
+            return run_trial(trial, spec, trial_config, options, eval_seed=eval_seed, agent=adapted)
+
+        study, ran = self._optimize(kind, spec, objective, options, progress, base.run.seed, source_name(label))
+        result = self._summarise(kind, spec, study, ran)
+        if result.best_params:
+            result.best_config = _trial_overlay(kind, result.best_params)
+        self._record(result)
+        return result
+
+    def search(
+        self, kind: OptimizationType | str, task: Any = None, *, source: Any = None, **kwargs: Any
+    ) -> SearchResult:
+        """Run the search of any :class:`OptimizationType` (``source`` is needed by POLICY and TRANSFER)."""
+        kind = OptimizationType(kind)
+        if kind in _FROM_SOURCE:
+            if source is None:
+                raise MetaLearningError(f"a {kind.value} search starts from a source policy: pass source=")
+            search = self.search_policy if kind is OptimizationType.POLICY else self.search_transfer
+            return search(source, task, **kwargs)
+        if source is not None:
+            raise MetaLearningError(f"a {kind.value} search trains fresh agents: it takes no source policy")
+        if kind is OptimizationType.HYPERPARAMETERS:
+            return self.search_hyperparameters(task, **kwargs)
+        return self.search_architecture(task, **kwargs)
 
     async def optimize_hyperparameters(self, task: Any = None, **kwargs: Any) -> dict[str, dict[str, Any]]:
         """Async form of :meth:`search_hyperparameters`: the best values as a params.yaml overlay.
@@ -916,10 +1076,11 @@ class MetaLearningManager:
         artifacts: dict[str, str] = {}
         if result.best_config:
             path = directory / "best_params.yaml"
+            command = "adapt --source SOURCE --task TASK" if result.kind in _FROM_SOURCE else "train"
             header = (
                 f"# Best trial of study '{result.study_name}' ({result.storage_url}): "
                 f"{self.meta.optimization_metric} {result.best_value:.4g} after {result.trials_total} trials.\n"
-                f"# Apply it with: lagent train --params {path}\n"
+                f"# Apply it with: lagent {command} --params {path}\n"
             )
             path.write_text(header + yaml.safe_dump(result.best_config, sort_keys=False))
             artifacts["best_params"] = str(path)
@@ -974,17 +1135,18 @@ class MetaLearningManager:
         if steps < 1:
             raise MetaLearningError(f"adaptation needs a positive step budget, got {steps}")
         base = config or (trainer.config if trainer is not None else agent.config)
-        sections = {name: dict(values) for name, values in (overrides or {}).items()}
+        # Sections of the learning configuration only: a params file's ``meta`` is this manager's.
+        sections = {
+            name: dict(values) for name, values in (overrides or {}).items() if name in Config.model_fields
+        }
         sections["train"] = {
             **sections.get("train", {}), "task": spec.task, "eval_frequency": 0, "final_model": "last"
         }
         cfg = with_overrides(base, **sections)
-        obs_dim, n_actions = task_spaces(spec.task)
-        architecture = dataclasses.replace(agent.architecture, input_dim=obs_dim, output_dim=n_actions)
-        adapted = LearningAgent(obs_dim, n_actions, config=cfg, architecture=architecture)
-        match = match_features(agent.config.train.task, spec.task) if self.meta.adapt_match_features else None
-        transferred, reinitialized, partial = transfer_weights(agent.q_network, adapted.q_network, match)
-        adapted.update_target_network()
+        adapted, transferred, reinitialized, partial = transfer_policy(
+            agent, spec.task, cfg, match=self.meta.adapt_match_features, layers=self.meta.adapt_transfer_layers
+        )
+        obs_dim, n_actions, architecture = adapted.input_size, adapted.output_size, adapted.architecture
         episodes = eval_episodes or cfg.evaluate.episodes
         seed = cfg.run.seed + cfg.evaluate.seed_offset
 
@@ -1039,7 +1201,7 @@ class MetaLearningManager:
                 agent=adapted,
             )
 
-        with torch.random.fork_rng(devices=[]):  # leave the caller's torch RNG where it was
+        with preserved_torch_rng():  # leave the caller's torch RNG where it was
             result = asyncio.run(run())
         if run_dir is not None:
             report = json.dumps(_jsonable(result.to_dict()), indent=2)
@@ -1400,7 +1562,10 @@ def _fits(pairs: IndexPairs, source_size: int, target_size: int) -> bool:
 
 
 def transfer_weights(
-    source: torch.nn.Module, target: torch.nn.Module, match: FeatureMatch | None = None
+    source: torch.nn.Module,
+    target: torch.nn.Module,
+    match: FeatureMatch | None = None,
+    layers: TransferLayers = "all",
 ) -> tuple[list[str], list[str], dict[str, str]]:
     """Copy every layer of ``source`` whose tensors all fit ``target``; the rest keep their init.
 
@@ -1411,8 +1576,11 @@ def transfer_weights(
     features start as they were and the new inputs are learned into them; the output layer keeps
     the rows of the shared actions. Returns (transferred layers, re-initialised layers, and for
     each partly transferred layer, which is also in the second list, what it kept).
+    ``layers`` limits what is copied at all: 'body' copies the hidden layers only, 'none' nothing.
     """
     source_state = source.state_dict()
+    if layers != "all":
+        source_state = {n: v for n, v in source_state.items() if layers == "body" and n.startswith("body.")}
     target_state = target.state_dict()
     layers: dict[str, list[str]] = {}
     for name in target_state:
@@ -1443,6 +1611,37 @@ def transfer_weights(
             partial[layer] = f"{len(match.actions[1])} of {new_w.shape[0]} actions"
     target.load_state_dict(target_state)  # in place: views of the weights stay valid
     return transferred, reinitialized, partial
+
+
+def transfer_policy(
+    source: LearningAgent,
+    task: str,
+    config: Config,
+    *,
+    match: bool = True,
+    layers: TransferLayers = "all",
+) -> tuple[LearningAgent, list[str], list[str], dict[str, str]]:
+    """A new agent for ``task`` (built with ``config``, the source's hidden layers resized to the
+    task) that starts from what ``source``'s policy hands over; see :func:`transfer_weights`.
+
+    Returns the agent and transfer_weights's (transferred, re-initialised, partly kept) layers.
+    """
+    obs_dim, n_actions = task_spaces(task)
+    architecture = dataclasses.replace(source.architecture, input_dim=obs_dim, output_dim=n_actions)
+    adapted = LearningAgent(obs_dim, n_actions, config=config, architecture=architecture)
+    shared = match_features(source.config.train.task, task) if match else None
+    transferred, reinitialized, partial = transfer_weights(source.q_network, adapted.q_network, shared, layers)
+    adapted.update_target_network()
+    return adapted, transferred, reinitialized, partial
+
+
+def source_name(label: str) -> str:
+    """A short name of a source policy for study names: a checkpoint's run directory, else the label."""
+    path = Path(label)
+    if path.suffix == ".pt":
+        run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        return run.name or path.stem
+    return label
 
 
 def clone_agent(agent: LearningAgent, config: Config | None = None) -> LearningAgent:
@@ -1512,7 +1711,7 @@ async def _train_candidate(
         tensorboard=False,
     )
     try:
-        with torch.random.fork_rng(devices=[]):
+        with preserved_torch_rng():
             await candidate.train(total_timesteps=timesteps)
             await candidate.evaluate(num_episodes=eval_episodes, seed=eval_seed)
         value = _metric_value(candidate, metric)

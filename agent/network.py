@@ -71,7 +71,13 @@ class LearningNetwork(nn.Module):
     """Maps a state to one Q-value per discrete action.
 
     ``LearningNetwork(input_size, output_size)`` is the spec's form (hidden layers of 256 units,
-    ReLU); ``LearningNetwork.from_architecture(arch)`` builds any searched shape.
+    ReLU); ``LearningNetwork(**network_config)`` takes the spec's ``network_config`` dict;
+    ``LearningNetwork.from_architecture(arch)`` builds any searched shape.
+
+    ``learning_rate`` is in the spec's ``network_config`` but is the optimiser's step size, not
+    part of the network: it is kept as ``self.learning_rate`` for whoever builds the optimiser
+    and changes nothing here. (``LearningAgent`` takes its step size from ``train.learning_rate``
+    or its own ``learning_rate`` argument, so ``LearningAgent(**network_config)`` works too.)
     """
 
     def __init__(
@@ -84,8 +90,12 @@ class LearningNetwork(nn.Module):
         dropout: float = 0.0,
         dueling: bool = False,
         hidden_layers: tuple[int, ...] | list[int] | None = None,
+        learning_rate: float | None = None,
     ) -> None:
         super().__init__()
+        if learning_rate is not None and not learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
+        self.learning_rate = learning_rate
         self.architecture = NetworkArchitecture(
             input_dim=input_size,
             output_dim=output_size,
@@ -112,6 +122,10 @@ class LearningNetwork(nn.Module):
         # machinery (hooks, nesting) costs as much as the arithmetic.
         self._hidden = [m for m in self.body if isinstance(m, nn.Linear)]
         self._activation = _FUNCTIONAL_ACTIVATIONS[arch.activation]
+        # Dropout masks come from the network's own generator, not torch's global one, so two
+        # networks training in two threads (the pipeline's parallel stages) stay reproducible.
+        self._dropout_seed = 0
+        self._dropout_generator: torch.Generator | None = None
 
     @classmethod
     def from_architecture(cls, arch: NetworkArchitecture) -> LearningNetwork:
@@ -138,9 +152,30 @@ class LearningNetwork(nn.Module):
         dropout = self.architecture.dropout
         for linear in self._hidden:
             x = self._activation(F.linear(x, linear.weight, linear.bias))
-            if dropout > 0:
-                x = F.dropout(x, dropout, self.training)
+            if dropout > 0 and self.training:
+                x = x * self._dropout_mask(x, dropout)
         return x
+
+    def seed_dropout(self, seed: int) -> None:
+        """Start the dropout masks' own random stream at ``seed``."""
+        self._dropout_seed, self._dropout_generator = int(seed), None
+
+    def _dropout_mask(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        generator = self._dropout_generator
+        if generator is None or generator.device != x.device:
+            generator = torch.Generator(device=x.device)
+            generator.manual_seed(self._dropout_seed)
+            self._dropout_generator = generator
+        return torch.empty_like(x).bernoulli_(1.0 - p, generator=generator) / (1.0 - p)
+
+    def dropout_rng_state(self) -> torch.Tensor | None:
+        """The dropout stream's position (None before the first mask): saved with a resumable run."""
+        return None if self._dropout_generator is None else self._dropout_generator.get_state()
+
+    def set_dropout_rng_state(self, state: torch.Tensor) -> None:
+        generator = torch.Generator(device=next(self.parameters()).device)
+        generator.set_state(state)
+        self._dropout_generator = generator
 
     def forward(self, state: torch.Tensor) -> torch.Tensor:
         hidden = self.features(state)

@@ -22,6 +22,7 @@ class FastAdam:
         self.params = list(params)
         self.optimizer = torch.optim.Adam(self.params, lr=lr, fused=True)
         self._state_lists: tuple[list[torch.Tensor], ...] | None = None
+        self.last_norms: torch.Tensor | None = None  # per-parameter gradient norms of the last update
 
     @property
     def lr(self) -> float:
@@ -52,8 +53,13 @@ class FastAdam:
         return self.apply(list(torch.autograd.grad(loss, self.params)), max_grad_norm)
 
     def apply(self, grads: list[torch.Tensor], max_grad_norm: float | None) -> torch.Tensor:
-        """Clip ``grads`` (one per parameter, in order) and update; returns their norm before clipping."""
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        """Clip ``grads`` (one per parameter, in order) and update; returns their norm before clipping.
+
+        The per-parameter norms (before clipping) stay in ``last_norms``: the per-layer gradient
+        norms the trainer logs, at no extra cost.
+        """
+        self.last_norms = torch.stack(torch._foreach_norm(grads))
+        norm = torch.linalg.vector_norm(self.last_norms)
         if max_grad_norm is not None:
             torch._foreach_mul_(grads, torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0))
         exp_avgs, exp_avg_sqs, steps = self._state()

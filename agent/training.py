@@ -24,10 +24,11 @@ import torch
 import yaml
 
 from agent.checkpoint import CheckpointError, load_checkpoint_file, save_checkpoint_file
-from agent.config import Config, config_from_dict, with_overrides
+from agent.config import Config, config_for_task, config_from_dict, with_overrides
 from agent.dqn import LearningAgent
 from agent.network import NetworkArchitecture
-from agent.metrics import MetricsSink, MultiSink, NullSink, TensorBoardSink
+from agent.metrics import MetricsSink, MultiSink, NullSink, TensorBoardSink, log_histogram
+from agent.monitoring import SystemMonitor
 from agent.tasks import (
     CurriculumManager,
     TaskParameters,
@@ -50,6 +51,44 @@ def _team_metrics(task_metrics: Mapping[str, np.ndarray], team: slice) -> dict[s
     return {key: float(np.mean(values[team])) for key, values in task_metrics.items() if key != "agent_index"}
 
 
+class EpisodeRows:
+    """The transitions of each environment's running episode, held back from the Memory service
+    until the episode ends, then stored tagged with its return (``replay.tag_episode_returns``),
+    so that similar-state search can prefer neighbours from successful episodes."""
+
+    def __init__(self, num_envs: int) -> None:
+        self._rows: list[list[tuple[np.ndarray, ...]]] = [[] for _ in range(num_envs)]
+
+    def add(
+        self,
+        valid: np.ndarray | None,
+        obs: np.ndarray,
+        actions: np.ndarray,
+        rewards: np.ndarray,
+        next_obs: np.ndarray,
+        dones: np.ndarray,
+    ) -> None:
+        """One vector step's transitions (``valid``: which rows are real; None: all)."""
+        for env in range(len(obs)) if valid is None else np.flatnonzero(valid):
+            self._rows[env].append(
+                (obs[env].copy(), actions[env], rewards[env], next_obs[env].copy(), dones[env])
+            )
+
+    async def store(self, client: Any, envs: np.ndarray | None, returns: np.ndarray | None) -> None:
+        """Store the held rows of ``envs`` (None: all, untagged) tagged with ``returns``, one
+        value per env, in one batch; those envs start a new episode."""
+        chosen = range(len(self._rows)) if envs is None else envs
+        columns: list[list[Any]] = [[], [], [], [], [], []]
+        for i, env in enumerate(chosen):
+            rows, self._rows[env] = self._rows[env], []
+            for row in rows:
+                for column, value in zip(columns, row):
+                    column.append(value)
+            columns[5].extend([np.nan if returns is None else float(returns[i])] * len(rows))
+        if columns[0]:
+            await client.store_transitions(*(np.asarray(column) for column in columns))
+
+
 class TrainingManager:
     """Orchestrates the interaction between a LearningAgent and its environments.
 
@@ -59,6 +98,10 @@ class TrainingManager:
     ``use_curriculum`` walks a task type through the curriculum's stages, rebuilding the
     environments when a stage is passed; ``reward_config`` customises the task's rewards.
     With a ``run_dir`` the trainer writes checkpoints, TensorBoard events and an episode log.
+    Every ``train.log_interval`` steps the sinks get the window's losses, throughput (``time/``),
+    process memory and CPU use, GPU memory and utilisation on CUDA (``system/``), per-layer
+    gradient norms (``grad_norm/``) and the Memory service's round-trip latency (``memory/``);
+    weight and gradient histograms go to TensorBoard every ``train.histogram_interval`` updates.
     For the multi-agent task an episode is a team's: its reward is the mean of its agents' returns.
     """
 
@@ -86,9 +129,14 @@ class TrainingManager:
             overrides["task"] = task_name(task_type)
         if use_curriculum or curriculum is not None:
             overrides["use_curriculum"] = True  # recorded in the run's config and checkpoints
-        self.config: Config = with_overrides(learning_agent.config, train=overrides)
-        self.agent.config = self.config  # the agent reads gamma, targets, clipping from it
-        self.agent.set_learning_rate(self.config.train.learning_rate)
+        base = learning_agent.config
+        if "task" in overrides:
+            # The spec's TrainingManager(learning_agent=LearningAgent(...), task_type=...) must train
+            # as `lagent train --task` does: apply the task's profile to whatever the agent's config
+            # was loaded for, except what the caller chose (agent keywords; training_config after).
+            base = config_for_task(base, overrides["task"], keep=learning_agent.explicit_settings)
+        self.config: Config = with_overrides(base, train=overrides)
+        self.agent.use_config(self.config)  # the agent reads gamma, targets, clipping from it
         self.task = self.config.train.task
         self.reward_config = reward_config
         self.task_params = task_params
@@ -147,14 +195,32 @@ class TrainingManager:
         self._window: dict[str, list[float]] = {}
         self._task_window: dict[str, list[float]] = {}
         self._window_start = (time.perf_counter(), 0)
+        self._window_updates = 0  # agent.training_steps when the logging window began
+        self._system = SystemMonitor(self.agent.device)  # read once per logging window
+        # replay.tag_episode_returns: each episode's rows wait here until it ends.
+        self._episode_rows = (
+            EpisodeRows(self.envs.num_envs)
+            if self.config.replay.tag_episode_returns and memory_client is not None
+            else None
+        )
 
     # ------------------------------------------------------------------ setup
+
+    def _episode_step_cap(self) -> int | None:
+        """``train.max_steps_per_episode`` for a Gymnasium env; None for a task type.
+
+        A task type's episode ends at its stage's time limit (``time_limit / tasks.dt`` steps):
+        the spec's beginner stage has 300 s (600 steps) and its training_config 500 steps, and
+        the stage's limit must hold, so the step cap does not apply there. Shorten a task's
+        episodes through the stage's ``time_limit`` instead.
+        """
+        return None if TaskType.parse(self.task) is not None else self.config.train.max_steps_per_episode
 
     def _make_envs(self, num_envs: int) -> gym.vector.VectorEnv:
         return make_vector_env(
             self.task,
             num_envs,
-            max_episode_steps=self.config.train.max_steps_per_episode,
+            max_episode_steps=self._episode_step_cap(),
             task_params=self.task_params,
             reward_config=self.reward_config,
         )
@@ -237,7 +303,8 @@ class TrainingManager:
         if self._exploration_steps is not None:
             return
         train = self.config.train
-        horizon = total_timesteps or (max_episodes or 1) * train.max_steps_per_episode
+        episode_steps = int(getattr(self.envs, "max_steps", 0)) or train.max_steps_per_episode
+        horizon = total_timesteps or (max_episodes or 1) * episode_steps
         self._exploration_steps = max(1, int(train.exploration_fraction * horizon))
 
     # ------------------------------------------------------------------ training loop
@@ -277,6 +344,8 @@ class TrainingManager:
 
         self._stop_requested = False
         self._window_start = (time.perf_counter(), self.global_step)
+        self._window_updates = self.agent.training_steps
+        self._system.start()
         start_step, started = self.global_step, time.perf_counter()
         self._train_started, seconds_before = started, self.train_seconds
         yield_to_loop = self.memory_client is not None
@@ -291,6 +360,8 @@ class TrainingManager:
                 if stats is not None:
                     for key, value in stats.items():
                         self._window.setdefault(key, []).append(value)
+                if self.agent.histograms:  # every train.histogram_interval updates
+                    self._log_histograms()
             if self.global_step - self._window_start[1] >= train.log_interval:
                 self._log_window(progress, max_steps, max_episodes)
             if train.eval_frequency and self.global_step >= self._next_eval:
@@ -299,6 +370,8 @@ class TrainingManager:
                 await meta.optimize_online(self)
             if yield_to_loop:
                 await asyncio.sleep(0)  # let the memory client's I/O make progress
+        if self._episode_rows is not None:  # episodes still running: their rows go untagged
+            await self._episode_rows.store(self.memory_client, None, None)
         self._log_window(progress, max_steps, max_episodes)
         elapsed = time.perf_counter() - started
         self.train_seconds, self._train_started = seconds_before + elapsed, None
@@ -356,9 +429,13 @@ class TrainingManager:
                 final = info["final_obs"]
                 real_next[mask] = np.stack(final[mask]) if final.dtype == object else final[mask]
 
+        held = self._episode_rows
+        client = None if held is not None else self.memory_client
+        if held is not None:
+            held.add(valid, obs, actions, rewards, real_next, terminated)
         if valid is None or valid.all():
             await self.agent.store_experience(
-                obs, actions, rewards, real_next, terminated, memory_client=self.memory_client
+                obs, actions, rewards, real_next, terminated, memory_client=client
             )
             n_valid = len(actions)
             self._ep_return += rewards
@@ -368,7 +445,7 @@ class TrainingManager:
             if n_valid:
                 await self.agent.store_experience(
                     obs[valid], actions[valid], rewards[valid], real_next[valid], terminated[valid],
-                    memory_client=self.memory_client,
+                    memory_client=client,
                 )
             self._ep_return[valid] += rewards[valid]
             self._ep_length[valid] += 1
@@ -382,7 +459,15 @@ class TrainingManager:
             self.clipped_actions += int(np.count_nonzero(info["action_clipped"]))
         self._obs = next_obs
         if done.any():
-            self._finish_episodes(np.flatnonzero(done), info)
+            rows = np.flatnonzero(done)
+            envs = self.envs
+            if held is not None:  # tagged with the episode's return as _finish_episodes counts it
+                k = self.rows_per_copy
+                team_returns = np.repeat(self._ep_return.reshape(-1, k).mean(axis=1), k)
+                await held.store(self.memory_client, rows, team_returns[rows])
+            self._finish_episodes(rows, info)
+            if held is not None and self.envs is not envs:  # a new stage: running episodes are gone
+                await held.store(self.memory_client, None, None)
 
     def _finish_episodes(self, rows: np.ndarray, info: Mapping[str, Any]) -> None:
         k = self.rows_per_copy
@@ -464,20 +549,32 @@ class TrainingManager:
         recent = self.episode_rewards[-window:]
         return float(np.mean(recent)) if recent else float("nan")
 
+    def _log_histograms(self) -> None:
+        """The agent's weight and gradient snapshots, as histograms at the current step."""
+        while self.agent.histograms:
+            _, snapshot = self.agent.histograms.popleft()
+            for name, values in snapshot.items():
+                log_histogram(self.metrics, name, values, self.global_step)
+
     def _log_window(
         self, progress: ProgressCallback | None, max_steps: int | None, max_episodes: int | None
     ) -> None:
         now = time.perf_counter()
         started, start_step = self._window_start
+        seconds = max(now - started, 1e-9)
         scalars = {f"train/{k}": float(np.mean(v)) for k, v in self._window.items() if v}
         scalars.update(
             {
                 "train/epsilon": self.epsilon,
                 "train/training_steps": float(self.agent.training_steps),
                 "train/learning_rate": self.agent.learning_rate,
-                "time/steps_per_second": (self.global_step - start_step) / max(now - started, 1e-9),
             }
         )
+        if self.global_step > start_step:  # not the empty window a run ends with on a boundary
+            scalars["time/steps_per_second"] = (self.global_step - start_step) / seconds
+            scalars["time/updates_per_second"] = (self.agent.training_steps - self._window_updates) / seconds
+            scalars.update(self._system.read())
+        scalars.update({f"grad_norm/{k}": v for k, v in self.agent.layer_gradient_norms().items()})
         if self.episode_rewards:
             scalars["rollout/reward_mean"] = self.recent_mean_reward()
         if self.actions_taken:
@@ -494,9 +591,12 @@ class TrainingManager:
         if self.memory_client is not None and hasattr(self.memory_client, "metrics"):
             for key, value in self.memory_client.metrics().items():
                 scalars[f"memory/{key}"] = float(value)
+            if hasattr(self.memory_client, "new_latency_window"):
+                self.memory_client.new_latency_window()  # latency percentiles per logging window
         self.metrics.log_metrics(scalars, self.global_step)
         self._window = {}
         self._window_start = (now, self.global_step)
+        self._window_updates = self.agent.training_steps
         if progress is not None:
             progress(
                 {
@@ -555,12 +655,14 @@ class TrainingManager:
         seed: int | None = None,
         epsilon: float | None = None,
         task_params: Any = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> tuple[float, float]:
         """Mean and standard deviation of the return over (epsilon-)greedy episodes.
 
         Runs in fresh environments seeded apart from training and never touches the training
         RNGs, so evaluating does not change what training does next. ``task_params`` evaluates
-        at another difficulty than the current one.
+        at another difficulty than the current one. ``progress(done, total)`` is called as
+        episodes finish (a progress bar's feed).
         """
         n_episodes = num_episodes or self.config.evaluate.episodes
         epsilon = self.config.evaluate.epsilon if epsilon is None else epsilon
@@ -568,7 +670,7 @@ class TrainingManager:
         envs = make_vector_env(
             self.task,
             n_copies,
-            max_episode_steps=self.config.train.max_steps_per_episode,
+            max_episode_steps=self._episode_step_cap(),
             task_params=task_params if task_params is not None else self.task_params,
             reward_config=self.reward_config,
         )
@@ -609,6 +711,8 @@ class TrainingManager:
                 counts[copy] += 1
                 returns[team] = 0.0
                 lengths[team] = 0
+            if progress is not None and finished.any():
+                progress(len(episode_returns), n_episodes)
         envs.close()
         mean, std = float(np.mean(episode_returns)), float(np.std(episode_returns))
         self.last_evaluation = {

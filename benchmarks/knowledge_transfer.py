@@ -17,6 +17,13 @@ what they start with:
 - trained: the source agent itself (its weights) with its experience in the service: "an agent
   that trained on a task before".
 
+``--variants`` repeats the three arms with each way of choosing the neighbours (item 10 of
+issue 11): ``state`` (the default: the nearest raw states), ``network`` (the Q-network's
+penultimate layer, ``replay.similar_embedding=network``) and ``success`` (neighbours from the
+highest-return episodes, ``replay.similar_prefer_success``, with the target run's own rows tagged
+too). The source run always tags its rows with their episode's return
+(``replay.tag_episode_returns``), so every variant finds the same stored experience.
+
 Each run evaluates greedily every ``--eval-every`` steps and stops at the first evaluation whose
 mean reaches ``--threshold``; the figure is the environment steps taken by then (a run that never
 reaches it counts as its budget, shown as ">N"). Prints steps per seed and arm, the medians and
@@ -200,6 +207,11 @@ def parse_seeds(text: str) -> list[int]:
 
 
 ARMS = ("cold", "memory", "trained")
+VARIANTS: dict[str, list[str]] = {
+    "state": [],
+    "network": ["replay.similar_embedding=network"],
+    "success": ["replay.similar_prefer_success=true", "replay.tag_episode_returns=true"],
+}
 
 
 def main() -> None:
@@ -232,7 +244,15 @@ def main() -> None:
         default=TARGET_TASK,
         help=f"target env id (default {TARGET_TASK}; {SOURCE_TASK} measures a task seen before)",
     )
+    parser.add_argument(
+        "--variants",
+        default="state",
+        help=f"comma-separated neighbour choices to measure, of {', '.join(VARIANTS)}",
+    )
     args = parser.parse_args()
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if unknown := [v for v in variants if v not in VARIANTS]:
+        parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     if args.quick:
         args.seeds, args.source_steps, args.budget = "0", 3_000, 2_000
         args.eval_every, args.eval_episodes, args.threshold = 500, 3, 100.0
@@ -241,44 +261,64 @@ def main() -> None:
 
     data = Path(tempfile.mkdtemp(prefix="knowledge-transfer-"))
     url = f"http://127.0.0.1:{free_port()}"
-    rows: list[tuple[int, dict[str, dict[str, Any]]]] = []
+    rows: dict[str, list[tuple[int, dict[str, dict[str, Any]]]]] = {v: [] for v in variants}
     with ensure_memory_service(url, data), httpx.Client(base_url=url, timeout=60) as http:
         source = train(
-            args, url, "source", SOURCE_TASK, 1000, args.source_steps, None, args.source_params
+            args,
+            url,
+            "source",
+            SOURCE_TASK,
+            1000,
+            args.source_steps,
+            None,
+            args.source_params,
+            extra=["replay.tag_episode_returns=true"],
         )
         last_eval = source["evaluations"][-1][1] if source["evaluations"] else float("nan")
+        sampled = http.get("/v1/collections/source/sample", params={"batch_size": 1000})
+        tagged = [r for r in sampled.raise_for_status().json()["episode_returns"] if r is not None]
+        print(
+            f"source rows tagged with their episode's return: {len(tagged) / 10:.0f}% of 1,000 "
+            f"sampled (median return {statistics.median(tagged) if tagged else float('nan'):.0f})",
+            flush=True,
+        )
         print(
             f"source: {SOURCE_TASK}, {source['steps']:,} steps in {source['wall']:.0f} s, "
             f"{source['stored']:,.0f} transitions stored, last greedy eval {last_eval:.0f}",
             flush=True,
         )
         for seed in seeds:
-            runs: dict[str, dict[str, Any]] = {}
-            # Rotate the order per seed, so drift in the machine's speed hits every arm alike.
-            shift = seed % len(ARMS)
-            for arm in ARMS[shift:] + ARMS[:shift]:
-                collection = f"{arm}-{seed}"
-                if arm != "cold":
-                    copy_collection(http, "source", collection)
-                runs[arm] = train(
-                    args,
-                    url,
-                    collection,
-                    args.target,
-                    seed,
-                    args.budget,
-                    args.threshold,
-                    args.params,
-                    extra=target_extra,
-                    weights=source["weights"] if arm == "trained" else None,
-                )
-                if not runs[arm]["all_stored"]:
-                    print(f"  warning: {arm} seed {seed} did not store everything", flush=True)
-            rows.append((seed, runs))
-            shown = ", ".join(f"{arm} {show(runs[arm], args.budget)}" for arm in ARMS)
-            print(f"seed {seed}: {shown} steps", flush=True)
+            for variant in variants:
+                runs: dict[str, dict[str, Any]] = {}
+                # Rotate the order per seed, so drift in the machine's speed hits every arm alike.
+                shift = seed % len(ARMS)
+                for arm in ARMS[shift:] + ARMS[:shift]:
+                    collection = f"{variant}-{arm}-{seed}"
+                    if arm != "cold":
+                        copy_collection(http, "source", collection)
+                    runs[arm] = train(
+                        args,
+                        url,
+                        collection,
+                        args.target,
+                        seed,
+                        args.budget,
+                        args.threshold,
+                        args.params,
+                        extra=[*target_extra, *VARIANTS[variant]],
+                        weights=source["weights"] if arm == "trained" else None,
+                    )
+                    if not runs[arm]["all_stored"]:
+                        print(f"  warning: {arm} seed {seed} did not store everything", flush=True)
+                rows[variant].append((seed, runs))
+                shown = ", ".join(f"{arm} {show(runs[arm], args.budget)}" for arm in ARMS)
+                print(f"seed {seed} [{variant}]: {shown} steps", flush=True)
     shutil.rmtree(data, ignore_errors=True)
-    report(rows, args)
+    for variant in variants:
+        print(f"\n== neighbours by {variant}: {' '.join(VARIANTS[variant]) or 'the defaults'}")
+        report(rows[variant], args)
+    if len(variants) > 1:
+        summary(rows, args)
 
 
 def show(run: dict[str, Any], budget: int) -> str:
@@ -319,6 +359,36 @@ def report(rows: list[tuple[int, dict[str, dict[str, Any]]]], args: argparse.Nam
                 f"per-seed cold/{arm}: min {ratios.min():.2f}, median {np.median(ratios):.2f}, "
                 f"max {ratios.max():.2f}"
             )
+
+
+def summary(
+    rows: dict[str, list[tuple[int, dict[str, dict[str, Any]]]]], args: argparse.Namespace
+) -> None:
+    """Median steps of every variant and arm side by side, and each variant against ``state``."""
+    def steps(run: dict[str, Any]) -> int:
+        return run["reached_at"] if run["reached_at"] is not None else args.budget
+
+    print("\nmedian steps to the threshold (reached / seeds)")
+    print("  ".join(f"{h:>16}" for h in ["variant", *ARMS]))
+    for variant, found in rows.items():
+        cells = [variant]
+        for arm in ARMS:
+            median = statistics.median(steps(runs[arm]) for _, runs in found)
+            reached = sum(runs[arm]["reached_at"] is not None for _, runs in found)
+            cells.append(f"{median:,.0f} ({reached}/{len(found)})")
+        print("  ".join(f"{c:>16}" for c in cells))
+    if "state" in rows:
+        base = {seed: runs for seed, runs in rows["state"]}
+        for variant, found in rows.items():
+            if variant == "state":
+                continue
+            for arm in ARMS:
+                ratios = [steps(base[seed][arm]) / max(steps(runs[arm]), 1) for seed, runs in found]
+                print(
+                    f"state/{variant} per seed, {arm}: "
+                    + ", ".join(f"{r:.2f}" for r in ratios)
+                    + f" (median {statistics.median(ratios):.2f}; above 1: {variant} is faster)"
+                )
 
 
 if __name__ == "__main__":

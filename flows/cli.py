@@ -69,7 +69,14 @@ def progress_bars(enabled: bool, tasks: Mapping[str, tuple[str, float | None]]) 
     total=None, status="")``.
     """
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     console = Console(stderr=True)
     if not (enabled and console.is_terminal):
@@ -78,7 +85,7 @@ def progress_bars(enabled: bool, tasks: Mapping[str, tuple[str, float | None]]) 
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
-        TextColumn("{task.completed:,.0f}/{task.total:,.0f}"),
+        MofNCompleteColumn(),  # "12/?" while the total is unknown (an episode budget, a timeout)
         TextColumn("{task.fields[status]}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
@@ -194,8 +201,12 @@ def _train_command(args: argparse.Namespace) -> int:
         trainer = TrainingManager.from_checkpoint(checkpoint, overrides=overrides, run_dir=run_dir)
         _report(f"resuming {run_dir} at step {trainer.global_step:,} (episode {trainer.episodes_done:,})", args)
     else:
+        from agent.config import with_run_collection
+
         config = load_cli_config(args, extra)
         task = config.train.task
+        # memory.collection auto: a collection of this run's own, kept in its config for --resume.
+        config = with_run_collection(config, task)
         run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(task, config.run.seed)
         if (run_dir / "checkpoints" / "last.pt").exists():
             if not args.force:
@@ -396,7 +407,12 @@ def _evaluate_command(args: argparse.Namespace) -> int:
     overrides = collect_overrides(args.params, args.overrides)
     trainer = TrainingManager.from_checkpoint(checkpoint, overrides=overrides, tensorboard=False)
     episodes = args.episodes or trainer.config.evaluate.episodes
-    mean, std = asyncio.run(trainer.evaluate(num_episodes=episodes, seed=args.seed))
+    with progress_bars(not args.no_progress, {"eval": (f"evaluate {trainer.task}", float(episodes))}) as update:
+        mean, std = asyncio.run(
+            trainer.evaluate(
+                num_episodes=episodes, seed=args.seed, progress=lambda done, total: update("eval", done, total)
+            )
+        )
     report = {**trainer.last_evaluation, "checkpoint": str(checkpoint)}
     if run_dir.exists():
         _write_json(run_dir / "evaluation.json", report)
@@ -473,10 +489,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args, unknown = parser.parse_known_args(argv)
         if unknown:
             raise UsageError(f"unrecognized arguments: {' '.join(unknown)} (see 'lagent {args.command} --help')")
-        logging.basicConfig(
-            level=logging.INFO if args.verbose else logging.WARNING,
-            format="%(levelname)s %(name)s: %(message)s",
-        )
+        level = logging.INFO if args.verbose else logging.WARNING
+        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+        for handler in logging.getLogger().handlers:  # records that libraries' loggers propagate
+            handler.setLevel(level)
         return int(args.handler(args) or 0)
     except UsageError as exc:
         print(f"lagent: error: {exc}", file=sys.stderr)

@@ -49,7 +49,7 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 
 def _optimize_command(args: argparse.Namespace) -> int:
-    from agent.meta import MetaLearningManager, OptimizationType, load_meta_config, resolve_task
+    from agent.meta import MetaLearningManager, OptimizationType, load_meta_config, resolve_task, source_name
 
     for flag, value in (("--trials", args.trials), ("--n-jobs", args.n_jobs), ("--timesteps", args.timesteps)):
         if value is not None and value < 1:
@@ -66,7 +66,13 @@ def _optimize_command(args: argparse.Namespace) -> int:
     )
     kind = OptimizationType(args.kind)
     spec = resolve_task(args.task or config.train.task)
-    study_name = manager.study_name_for(kind, spec)
+    from_source = kind in (OptimizationType.POLICY, OptimizationType.TRANSFER)
+    source = _source_checkpoint(args.source) if args.source else None
+    if from_source and source is None:
+        raise UsageError(f"--kind {kind.value} starts from a trained policy: give its run directory with --source")
+    if source is not None and not from_source:
+        raise UsageError(f"--kind {kind.value} trains fresh agents: --source is for --kind policy or transfer")
+    study_name = manager.study_name_for(kind, spec, source_name(str(source)) if source else None)
     out = Path(args.out) if args.out else Path("runs") / "optimize" / _safe(study_name.replace("/", "__"))
 
     _report(
@@ -80,13 +86,14 @@ def _optimize_command(args: argparse.Namespace) -> int:
             best = info.get("best_value")
             update("trials", info["done"], status=f"best {_fmt(best)}  last: {info['state']}")
 
-        search = (
-            manager.search_hyperparameters if kind is OptimizationType.HYPERPARAMETERS else manager.search_architecture
+        result = manager.search(
+            kind, spec.task, source=source, options=options, task_params=spec.task_params, progress=on_trial
         )
-        result = search(spec.task, options=options, task_params=spec.task_params, progress=on_trial)
     artifacts = manager.write_results(result, out, plots=not args.no_plots)
     _print_search_table(result, args)
-    apply = f"   (apply: lagent train --params {artifacts['best_params']})" if "best_params" in artifacts else ""
+    command = f"adapt --source {args.source} --task {args.task or spec.task}" if source is not None else "train"
+    best = artifacts.get("best_params")
+    apply = f"   (apply: lagent {command} --params {best})" if best else ""
     _report(f"results: {out}{apply}", args)
     if args.json:
         emit_json({**result.to_dict(include_trials=False), "out": str(out)})
@@ -127,6 +134,15 @@ def _print_search_table(result: Any, args: argparse.Namespace) -> None:
     for key, value in rows:
         table.add_row(key, value)
     _console(args).print(table)
+
+
+def _source_checkpoint(source: str) -> Path:
+    """The checkpoint of a source policy given as a run directory or a checkpoint file."""
+    path = Path(source)
+    checkpoint = path / "checkpoints" / "last.pt" if path.is_dir() else path
+    if not checkpoint.is_file():
+        raise UsageError(f"{source} holds no policy checkpoint (looked for {checkpoint})")
+    return checkpoint
 
 
 # --------------------------------------------------------------------------- adapt
@@ -218,12 +234,25 @@ def _percent(value: float | None) -> str:
 
 def add_meta_commands(commands: Any) -> None:
     """Add ``optimize`` and ``adapt`` to lagent's subcommands."""
-    optimize = commands.add_parser("optimize", help="search hyperparameters or architectures with Optuna")
+    optimize = commands.add_parser(
+        "optimize", help="search hyperparameters, architectures, policy adaptation or transfer with Optuna"
+    )
     optimize.add_argument(
         "--task", help="task type, named variant (navigation_complex) or Gymnasium id (default: train.task)"
     )
     optimize.add_argument("--trials", type=int, help="trials to run, on top of the study's (default: meta.n_trials)")
-    optimize.add_argument("--kind", choices=["hyperparameters", "architecture"], default="hyperparameters")
+    optimize.add_argument(
+        "--kind",
+        choices=["hyperparameters", "architecture", "policy", "transfer"],
+        default="hyperparameters",
+        help="what to search: learning settings, network shapes, how a source policy is fine-tuned on "
+        "the task (policy), or what it hands over (transfer)",
+    )
+    optimize.add_argument(
+        "--source",
+        metavar="RUN_DIR",
+        help="run directory (or checkpoint) of the source policy (--kind policy or transfer)",
+    )
     optimize.add_argument("--study", help="study name prefix (default: meta.study_name); the same name resumes")
     optimize.add_argument("--storage", help="Optuna storage: sqlite:///FILE, postgresql://..., journal:FILE")
     optimize.add_argument("--n-jobs", type=int, help="trials in parallel threads (default: meta.n_jobs)")

@@ -13,10 +13,14 @@ from flows.cli import UsageError, add_config_arguments, emit_json
 
 
 def _quiet_defaults() -> None:
-    """Telemetry off and Prefect's log at WARNING unless the user chose otherwise."""
+    """Telemetry off; Prefect logs at INFO to its API (the UI's run pages show every stage's lines)
+    but only warnings reach the terminal, where our own display says what runs. Each default
+    yields to a value the user set."""
     for key, value in {
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_LOGGING_LEVEL": "WARNING",
+        "PREFECT_LOGGING_LEVEL": "INFO",
+        "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING",
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "agent,flows",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "DVC_NO_ANALYTICS": "1",
     }.items():
@@ -48,15 +52,22 @@ def _pipeline_command(args: argparse.Namespace) -> int:
         "server unless PREFECT_API_URL points at one",
         args,
     )
+    from flows.progress import reporter_for, reporting
+    from flows.runner import STAGES
+
     started = time.perf_counter()
-    summary = pipeline(
-        params_files=list(args.params), overrides=list(args.overrides), quick=args.quick, root=".", stages=stages
-    )
+    chosen = [name for name in STAGES if name in (stages or STAGES)]
+    reporter = reporter_for(chosen, enabled=not args.no_progress, stream=sys.stderr if args.json else sys.stdout)
+    with reporting(reporter):
+        summary = pipeline(
+            params_files=list(args.params), overrides=list(args.overrides), quick=args.quick, root=".", stages=stages
+        )
     width = max(len(r["name"]) for r in summary["stages"]) if summary["stages"] else 5
     _print("", args)
     for result in summary["stages"]:
-        _print(f"  {result['name']:<{width}}  {result['summary']}", args)
-    _print(f"\npipeline finished in {time.perf_counter() - started:.0f} s\n", args)
+        _print(f"  {result['name']:<{width}}  {result.get('seconds', 0):5.0f} s  {result['summary']}", args)
+    _print(f"\npipeline finished in {time.perf_counter() - started:.0f} s", args)
+    _print(f"DVC: {summary['dvc']['line']}\n", args)
     _print(where_to_look(summary), args)
     if args.json:
         emit_json(summary)
@@ -96,6 +107,11 @@ def _schedule_command(args: argparse.Namespace) -> int:
         args,
     )
     serve(args.cron, args.name, args.params, args.overrides, args.quick)
+    _print(
+        f"stopped: the schedule of 'lagent-pipeline/{args.name}' is paused "
+        f"(serve it again with the same command, or: prefect deployment schedule ls lagent-pipeline/{args.name})",
+        args,
+    )
     return 0
 
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from agent.checkpoint import save_checkpoint_file
-from agent.meta import MetaLearningManager
+from agent.meta import MetaLearningManager, PhaseProgress, SearchProgress
 from agent.tasks import CurriculumManager
 from flows.settings import LEVELS, Layout, Settings
 from flows.stages import StageResult, write_json
@@ -52,17 +52,21 @@ def _search_metrics(result: Any) -> dict[str, float]:
 
 
 def _search(
-    settings: Settings, layout: Layout, kind: str, on_trial: Callable[..., None] | None
+    settings: Settings,
+    layout: Layout,
+    kind: str,
+    on_trial: Callable[..., None] | None,
+    progress: SearchProgress | None = None,
 ) -> StageResult:
     """Run one search at the first curriculum level and write its results beside its study."""
     manager = _manager(settings, layout, kind, on_trial)
     task_params = CurriculumManager().parameters_for(SEARCH_LEVEL)
     directory = layout.search_dir(kind)
     if kind == "hyperparameters":
-        result = manager.search_hyperparameters(settings.pipeline.task, task_params=task_params)
+        result = manager.search_hyperparameters(settings.pipeline.task, task_params=task_params, progress=progress)
         best = _value(result.best_value)
     else:
-        result = manager.search_architecture(settings.pipeline.task, task_params=task_params)
+        result = manager.search_architecture(settings.pipeline.task, task_params=task_params, progress=progress)
         architecture = result.best_architecture
         write_json(directory / "best_architecture.json", architecture.to_dict() if architecture else {})
         shape = f"{list(architecture.hidden_layers)} {architecture.activation}" if architecture else "none"
@@ -81,24 +85,32 @@ def _search(
 
 
 def search_hyperparameters(
-    settings: Settings, layout: Layout, *, on_trial: Callable[..., None] | None = None
+    settings: Settings,
+    layout: Layout,
+    *,
+    on_trial: Callable[..., None] | None = None,
+    progress: SearchProgress | None = None,
 ) -> StageResult:
     """TPE + median pruning over the learning settings; writes the best as a params file."""
-    return _search(settings, layout, "hyperparameters", on_trial)
+    return _search(settings, layout, "hyperparameters", on_trial, progress)
 
 
 def search_architecture(
-    settings: Settings, layout: Layout, *, on_trial: Callable[..., None] | None = None
+    settings: Settings,
+    layout: Layout,
+    *,
+    on_trial: Callable[..., None] | None = None,
+    progress: SearchProgress | None = None,
 ) -> StageResult:
     """Layers, units, dropout and activation; writes the best architecture beside the study."""
-    return _search(settings, layout, "architecture", on_trial)
+    return _search(settings, layout, "architecture", on_trial, progress)
 
 
 def _value(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
-def adapt(settings: Settings, layout: Layout) -> StageResult:
+def adapt(settings: Settings, layout: Layout, *, progress: PhaseProgress | None = None) -> StageResult:
     """Adapt the final policy to a second task, next to a policy trained from scratch."""
     manager = MetaLearningManager(config=settings.config)
     target = settings.pipeline.adapt_task
@@ -108,6 +120,7 @@ def adapt(settings: Settings, layout: Layout) -> StageResult:
         timesteps=settings.pipeline.adapt_timesteps,
         config=settings.config,
         source_label=layout.final_model.name,
+        progress=progress,
     )
     assert result.agent is not None
     model = save_checkpoint_file(

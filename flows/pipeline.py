@@ -7,19 +7,22 @@ it with ``lagent schedule --cron "0 2 * * *"`` (``flow.serve``) or the deploymen
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture, as_completed
+from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
-from flows import runner, tracking
+from flows import dvc_state, progress, runner, tracking
 from flows.settings import Layout, Settings, load_settings
 
 QUICK_PARAMS = Path(__file__).resolve().parent.parent / "configs" / "quick.yaml"
@@ -40,13 +43,37 @@ def settings_for(params_files: Sequence[str], overrides: Sequence[str], quick: b
 def stage_task(
     name: str, params_files: list[str], overrides: list[str], quick: bool, root: str, parent_run_id: str | None
 ) -> dict[str, Any]:
-    """One stage; retried with backoff (a Memory-service restart or a busy store are worth a retry)."""
+    """One stage; retried with backoff (a Memory-service restart or a busy store are worth a retry).
+
+    Its progress goes to the process's reporter (the terminal) and, a line per quarter, to the
+    run logger, so the Prefect UI's task-run page shows how the stage went.
+    """
+    logger = get_run_logger()
+    reporter = progress.current()
+    quarters = [0]
+
+    def report(completed: float, total: float | None, status: str) -> None:
+        reporter.stage_progress(name, completed, total, status)
+        quarter = min(4, int(4 * completed / total)) if total else 0
+        if 0 < quarter < 4 and quarter > quarters[0]:
+            quarters[0] = quarter
+            logger.info("%s: %d%% (%s/%s) %s", name, 25 * quarter, f"{completed:,.0f}", f"{total:,.0f}", status)
+
     settings = settings_for(params_files, overrides, quick)
-    result = runner.run_stage(name, settings, Layout(Path(root)), parent_run_id=parent_run_id)
-    get_run_logger().info("%s: %s", name, result.summary)
+    logger.info("%s: started (task %s, root %s)", name, settings.pipeline.task, root)
+    reporter.stage_started(name)
+    started = time.perf_counter()
+    try:
+        result = runner.run_stage(name, settings, Layout(Path(root)), parent_run_id=parent_run_id, progress=report)
+    except BaseException as exc:
+        reporter.stage_finished(name, f"{type(exc).__name__}: {exc}", time.perf_counter() - started, failed=True)
+        raise
+    reporter.stage_finished(name, result.summary, time.perf_counter() - started)
+    logger.info("%s: %s", name, result.summary)
     payload = result.to_dict()
     payload["mlflow_run_id"] = result.extras.get("mlflow_run_id")
     payload["model_uri"] = result.extras.get("model_uri")
+    payload["seconds"] = time.perf_counter() - started
     return payload
 
 
@@ -61,7 +88,43 @@ def _memory_service(settings: Settings, layout: Layout) -> Iterator[None]:
         yield
 
 
-@flow(name="lagent-pipeline", log_prints=True)
+def _run_graph(
+    chosen: Sequence[str], limit: int, submit: Callable[[str, list[PrefectFuture[Any]]], PrefectFuture[Any]]
+) -> dict[str, dict[str, Any]]:
+    """Run ``chosen`` stages in dependency order, at most ``limit`` at a time.
+
+    A stage is submitted once every chosen stage it depends on (``dvc.yaml``'s graph) has
+    finished; its ``wait_for`` names them, so the Prefect UI draws the graph's branches. A failed
+    stage stops new submissions; the running ones finish, then its error is raised.
+    """
+    graph = runner.stage_dependencies()
+    needs = {name: [d for d in graph[name] if d in chosen] for name in chosen}
+    pending, running = list(chosen), {}  # running: future -> name
+    futures: dict[str, PrefectFuture[Any]] = {}
+    results: dict[str, dict[str, Any]] = {}
+    failure: BaseException | None = None
+    while running or (pending and failure is None):
+        for name in list(pending):
+            if failure is not None or len(running) >= limit:
+                break
+            if all(d in results for d in needs[name]):
+                futures[name] = submit(name, [futures[d] for d in needs[name]])
+                running[futures[name]] = name
+                pending.remove(name)
+        if not running:  # nothing can start: a dependency failed
+            break
+        done = next(as_completed(list(running)))
+        name = running.pop(done)
+        try:
+            results[name] = done.result()
+        except BaseException as exc:  # noqa: BLE001 - re-raised once the running stages finish
+            failure = failure or exc
+    if failure is not None:
+        raise failure
+    return results
+
+
+@flow(name="lagent-pipeline", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=8))
 def pipeline(
     params_files: list[str] | None = None,
     overrides: list[str] | None = None,
@@ -69,7 +132,12 @@ def pipeline(
     root: str = ".",
     stages: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Curriculum training, evaluation, searches, adaptation and export, tracked in MLflow."""
+    """Curriculum training, evaluation, searches, adaptation and export, tracked in MLflow.
+
+    Independent stages (the searches beside the training chain, adaptation beside evaluation and
+    export) run at the same time, up to ``pipeline.max_parallel_stages``; each stage reads only
+    what its dependencies wrote, so the results are those of a serial run.
+    """
     params_files, overrides = list(params_files or []), list(overrides or [])
     settings = settings_for(params_files, overrides, quick)
     layout = Layout(Path(root).resolve())
@@ -77,34 +145,47 @@ def pipeline(
     unknown = sorted(set(chosen) - set(runner.STAGES))
     if unknown:
         raise ValueError(f"unknown stages {unknown}; stages: {', '.join(runner.STAGES)}")
+    chosen = [name for name in runner.STAGES if name in chosen]
+    logger = get_run_logger()
+    logger.info(
+        "pipeline on %s: %s (up to %d stages at a time)",
+        settings.pipeline.task, ", ".join(chosen), settings.pipeline.max_parallel_stages,
+    )
 
     parent_run_id = None
     if runner.tracking_enabled():
         experiment_id = tracking.setup_tracking(layout.root, settings.pipeline.experiment)
         parent_run_id = tracking.start_child_run(
-            experiment_id, None, f"pipeline {time.strftime('%Y-%m-%d %H:%M')}", tags={"lagent.kind": "pipeline"}
+            experiment_id,
+            None,
+            f"pipeline {time.strftime('%Y-%m-%d %H:%M')}",
+            tags={"lagent.kind": "pipeline", "lagent.task": settings.pipeline.task},
         )
         tracking.log_params(parent_run_id, tracking.flatten(settings.raw))
 
-    results: list[dict[str, Any]] = []
+    def submit(name: str, wait_for: list[PrefectFuture[Any]]) -> PrefectFuture[Any]:
+        return stage_task.submit(
+            name, params_files, overrides, quick, str(layout.root), parent_run_id, wait_for=wait_for
+        )
+
     started = time.perf_counter()
     try:
         with _memory_service(settings, layout):
-            for name in runner.STAGES:
-                if name in chosen:
-                    results.append(stage_task(name, params_files, overrides, quick, str(layout.root), parent_run_id))
+            by_name = _run_graph(chosen, settings.pipeline.max_parallel_stages, submit)
     except BaseException:
         if parent_run_id:
             tracking.end_run(parent_run_id, failed=True)
         raise
+    results = [by_name[name] for name in chosen]
     elapsed = time.perf_counter() - started
+    record = dvc_state.record_run(layout.root, settings.raw, chosen)
+    logger.info("DVC: %s", record.line)
     if parent_run_id:
-        tracking.log_metrics(parent_run_id, {"pipeline_seconds": elapsed})
-        tracking.end_run(parent_run_id)
+        tracking.finish_pipeline_run(parent_run_id, results, elapsed, layout.root, record.line)
 
     create_table_artifact(
         key="lagent-pipeline-summary",
-        table=[{"stage": r["name"], "result": r["summary"]} for r in results],
+        table=[{"stage": r["name"], "seconds": round(r["seconds"], 1), "result": r["summary"]} for r in results],
         description=f"lagent pipeline on {settings.pipeline.task}, {elapsed:.0f} s",
     )
     summary = {
@@ -113,6 +194,7 @@ def pipeline(
         "mlflow_parent_run_id": parent_run_id,
         "tracking_uri": tracking.tracking_uri() if parent_run_id else None,
         "root": str(layout.root),
+        "dvc": {"committed": list(record.committed), "line": record.line},
     }
     create_markdown_artifact(key="lagent-pipeline-where", markdown=where_to_look(summary))
     return summary
@@ -152,7 +234,21 @@ def build_deployment(
 
 
 def serve(cron: str, name: str, params_files: Sequence[str], overrides: Sequence[str], quick: bool) -> None:
-    """Serve the scheduled deployment from this process until Ctrl-C (``prefect.serve``)."""
-    from prefect import serve as prefect_serve
+    """Serve the scheduled deployment from this process until Ctrl-C or SIGTERM.
 
-    prefect_serve(build_deployment(cron, name, params_files, overrides, quick))
+    Either signal takes the same way out: the runner's exit pauses the deployment's schedule, so no
+    run is scheduled for a process that is gone. (Prefect's own SIGTERM handler calls its async
+    ``stop`` without awaiting it, which warns "coroutine was never awaited".)
+    """
+    from prefect.runner import Runner
+
+    class _Runner(Runner):
+        def handle_sigterm(self, *args: Any, **kwargs: Any) -> None:
+            raise KeyboardInterrupt
+
+    runner = _Runner(name=f"lagent-{name}", pause_on_shutdown=True)
+    runner.add_deployment(build_deployment(cron, name, params_files, overrides, quick))
+    try:
+        asyncio.run(runner.start())
+    except KeyboardInterrupt:
+        pass

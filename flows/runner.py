@@ -58,6 +58,42 @@ STAGES: tuple[str, ...] = (
 _TAKES_SINK = {f"train_{level}" for level in LEVELS}
 _TAKES_TRIALS = {"search_hyperparameters", "search_architecture"}
 
+StageProgress = Callable[[float, float | None, str], None]
+"""``(completed, total, status)``: one shape for every stage's progress, whatever it counts."""
+
+
+def _status(reward: Any) -> str:
+    return f"reward {reward:.2f}" if isinstance(reward, (int, float)) and reward == reward else ""
+
+
+def _progress_kwargs(name: str, report: StageProgress) -> dict[str, Any]:
+    """Each stage's own progress callback, translated to ``report``: training counts env steps,
+    a search its trials, adaptation the steps of its two runs (fine-tuned, then from scratch)."""
+    if name in _TAKES_SINK:
+
+        def on_train(info: Mapping[str, float]) -> None:
+            by_steps = info.get("total_steps", 0) > 0
+            total = info["total_steps"] if by_steps else info.get("total_episodes") or None
+            report(info["step"] if by_steps else info.get("episodes", 0), total, _status(info.get("reward_mean")))
+
+        return {"progress": on_train}
+    if name in _TAKES_TRIALS:
+
+        def on_trial_done(info: Mapping[str, Any]) -> None:
+            best = info.get("best_value")
+            report(info["done"], info.get("total"), f"best {best:.2f}" if best is not None else "")
+
+        return {"progress": on_trial_done}
+    if name == "adapt":
+
+        def on_phase(phase: str, info: Mapping[str, float]) -> None:
+            steps = info.get("total_steps") or 0
+            offset = steps if phase == "scratch" else 0
+            report(offset + info.get("step", 0), 2 * steps or None, f"{phase} {_status(info.get('reward_mean'))}")
+
+        return {"progress": on_phase}
+    return {}
+
 
 def dvc_stage_params(stage: str, root: Path = PROJECT_ROOT) -> list[str]:
     """The dotted params keys ``dvc.yaml`` (beside the code that runs) lists for a stage."""
@@ -75,6 +111,38 @@ def dvc_stage_params(stage: str, root: Path = PROJECT_ROOT) -> list[str]:
     return keys
 
 
+def _dvc_paths(entries: Any) -> list[str]:
+    """The paths of a dvc.yaml ``deps``/``outs``/``metrics``/``plots`` list (strings or {path: opts})."""
+    paths: list[str] = []
+    for entry in entries or []:
+        paths.extend([entry] if isinstance(entry, str) else list(entry))
+    return [p.rstrip("/") for p in paths]
+
+
+def stage_dependencies(root: Path = PROJECT_ROOT) -> dict[str, list[str]]:
+    """Stage -> the stages whose outputs it reads, from ``dvc.yaml`` (the one stage graph).
+
+    A stage depends on another when one of its deps is, or lies inside, one of the other's outs,
+    metrics or plots; the Prefect flow runs stages with no path between them at the same time.
+    """
+    document = yaml.safe_load((root / "dvc.yaml").read_text()) or {}
+    declared = document.get("stages", {})
+    produced = {
+        name: _dvc_paths(body.get("outs")) + _dvc_paths(body.get("metrics")) + _dvc_paths(body.get("plots"))
+        for name, body in declared.items()
+    }
+    graph: dict[str, list[str]] = {}
+    for name in STAGES:
+        deps = _dvc_paths(declared.get(name, {}).get("deps"))
+        graph[name] = [
+            other
+            for other in STAGES
+            if other != name
+            and any(dep == out or dep.startswith(out + "/") for dep in deps for out in produced.get(other, []))
+        ]
+    return graph
+
+
 def tracking_enabled() -> bool:
     return os.environ.get(TRACKING_ENV, "1") not in ("0", "false", "no")
 
@@ -85,15 +153,13 @@ def run_stage(
     layout: Layout,
     *,
     parent_run_id: str | None = None,
-    progress: Callable[[Mapping[str, float]], None] | None = None,
+    progress: StageProgress | None = None,
 ) -> stages.StageResult:
     """Run stage ``name``; with tracking on, as an MLflow run (a child of ``parent_run_id``)."""
     table = stage_table()
     if name not in table:
         raise ValueError(f"unknown stage '{name}'; stages: {', '.join(STAGES)}")
-    kwargs: dict[str, Any] = {}
-    if name in _TAKES_SINK and progress is not None:
-        kwargs["progress"] = progress
+    kwargs: dict[str, Any] = _progress_kwargs(name, progress) if progress is not None else {}
     if not tracking_enabled():
         return table[name](settings, layout, **kwargs)
 
@@ -113,14 +179,14 @@ def run_stage(
         result = table[name](settings, layout, **kwargs)
         sink.close()
         tracking.log_metrics(run_id, {**result.metrics, "stage_seconds": time.perf_counter() - started})
+        if name == "export":
+            _register(run_id, settings, result)
         tags = {"lagent.summary": result.summary[:5000]}
         if result.model is not None and result.model.exists():
             tags["dvc.md5"] = tracking.file_md5(result.model)
             tags["lagent.model_path"] = str(result.model.relative_to(layout.root))
         tracking.set_tags(run_id, tags)
         tracking.log_artifacts(run_id, [p for p in result.outputs if p.suffix != ".pt" or p.stat().st_size < 1 << 20])
-        if name == "export":
-            _register(run_id, settings, result)
     except BaseException:
         tracking.end_run(run_id, failed=True)
         raise
@@ -146,7 +212,20 @@ def _register(run_id: str, settings: Settings, result: stages.StageResult) -> No
         description=f"DQN policy for {settings.pipeline.task}, trained through the curriculum.",
     )
     result.extras.update(model_uri=uri, model_version=version)
-    result.summary += f"; registered {settings.export.registered_model_name} v{version}"
+    metric, score = _champion_score(metrics)
+    champion = tracking.promote_if_better(settings.export.registered_model_name, version, score, metric)
+    result.extras["champion"] = champion
+    result.summary += f"; registered {settings.export.registered_model_name} v{version}; {champion}"
+
+
+def _champion_score(metrics: Mapping[str, float]) -> tuple[str, float | None]:
+    """What decides the ``champion`` alias: the hardest level's greedy success rate, or its reward
+    for tasks that report no success."""
+    hardest = LEVELS[-1]
+    for key in (f"{hardest}_success_rate", f"{hardest}_mean_reward"):
+        if key in metrics:
+            return key, float(metrics[key])
+    return f"{hardest}_success_rate", None
 
 
 def _trial_logger(experiment_id: str, parent_run_id: str) -> Callable[[Any, Any], None]:

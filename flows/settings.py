@@ -43,6 +43,8 @@ class PipelineConfig(_Section):
     """Train through the Memory service (started on loopback when none answers at memory.base_url)."""
     experiment: str = Field(min_length=1)
     """MLflow experiment that holds the pipeline's runs."""
+    max_parallel_stages: int = Field(ge=1, le=8)
+    """Independent stages run at the same time, at most this many (1: one after another)."""
 
 
 class ExportConfig(_Section):

@@ -26,6 +26,7 @@ import yaml
 
 from agent import LearningAgent, TrainingManager
 from agent.checkpoint import load_checkpoint_file
+from agent.config import Config, with_run_collection
 from agent.metrics import MetricsSink
 from agent.network import LearningNetwork, NetworkArchitecture
 from agent.tasks import CurriculumManager, task_spaces
@@ -77,16 +78,17 @@ def _finite(value: Any) -> float | None:
 
 
 @contextlib.contextmanager
-def memory_client_for(settings: Settings, layout: Layout) -> Iterator[Any]:
+def memory_client_for(settings: Settings, layout: Layout, config: Config | None = None) -> Iterator[Any]:
     """A MemoryClient when the pipeline replays through the service (started if none answers).
 
     Writes queued while the service is away wait in ``runs/pipeline/memory-outbox`` and are
-    delivered by the next stage that reaches the service.
+    delivered by the next stage that reaches the service. ``config`` (default: the settings')
+    names the collection.
     """
     from flows.memory_service import memory_session
 
     with memory_session(
-        settings.config,
+        config or settings.config,
         run_dir=layout.root / "runs" / "pipeline",
         enabled=settings.pipeline.use_memory,
         data_dir=layout.memory_data,
@@ -117,6 +119,8 @@ def train_level(
     if level not in LEVELS:
         raise ValueError(f"unknown curriculum level '{level}'; expected one of {', '.join(LEVELS)}")
     config, task = settings.config, settings.pipeline.task
+    if settings.pipeline.use_memory:  # saved with the model: which collection it replayed
+        config = with_run_collection(config, f"{task}-{level}")
     task_params = CurriculumManager().parameters_for(level)
     input_dim, output_dim = task_spaces(task)
     agent = LearningAgent(input_dim, output_dim, config=config)
@@ -124,7 +128,7 @@ def train_level(
     if previous is not None:
         agent.load_state_dict(load_checkpoint_file(previous)["agent"])
 
-    with memory_client_for(settings, layout) as memory_client:
+    with memory_client_for(settings, layout, config) as memory_client:
         trainer = TrainingManager(
             agent,
             memory_client,

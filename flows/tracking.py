@@ -8,7 +8,9 @@ Metrics are sent with ``log_batch``: one ``log_metric`` call per point costs ~18
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import math
 import os
 import time
@@ -52,13 +54,62 @@ def setup_tracking(root: Path, experiment: str) -> str:
         mlflow.set_tracking_uri(user_uri)
     client = MlflowClient()
     found = client.get_experiment_by_name(experiment)
-    if found is not None:
-        return found.experiment_id
-    artifacts = (store / "artifacts").resolve().as_uri() if user_uri is None else None
+    if found is None:
+        artifacts = (store / "artifacts").resolve().as_uri() if user_uri is None else None
+        try:
+            client.create_experiment(
+                experiment, artifact_location=artifacts, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND}
+            )
+        except mlflow.exceptions.MlflowException:  # created meanwhile by another stage process
+            pass
+        found = client.get_experiment_by_name(experiment)
+    if EXPERIMENT_KIND_TAG not in found.tags:  # an experiment from before this tag was set
+        client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+    return found.experiment_id
+
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+"""MLflow 3 opens an experiment without this tag in its GenAI view; ours trains models."""
+
+
+@functools.lru_cache(maxsize=1)
+def source_tags() -> dict[str, str]:
+    """The tags MLflow sets on a run it starts itself (user, source, git), for runs we create
+    through the client: without them the UI shows "Source -" and "Created by -".
+
+    The git tags describe the code that runs (this package's checkout), not the working directory.
+    """
+    from mlflow.tracking.context.registry import resolve_tags
+    from mlflow.utils import git_utils
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_BRANCH, MLFLOW_GIT_COMMIT, MLFLOW_GIT_DIRTY, MLFLOW_GIT_REPO_URL
+
+    from agent.config import PROJECT_ROOT
+
+    tags = {k: str(v) for k, v in resolve_tags().items()}
+    code = str(PROJECT_ROOT)
+    for key, value in (
+        (MLFLOW_GIT_COMMIT, git_utils.get_git_commit(code)),
+        (MLFLOW_GIT_BRANCH, git_utils.get_git_branch(code)),
+        (MLFLOW_GIT_REPO_URL, git_utils.get_git_repo_url(code)),
+    ):
+        if value:
+            tags[key] = value
+        else:
+            tags.pop(key, None)
+    if tags.get(MLFLOW_GIT_COMMIT):
+        tags[MLFLOW_GIT_DIRTY] = str(_git_dirty(code)).lower()
+    return tags
+
+
+def _git_dirty(path: str) -> bool:
+    """Uncommitted changes in the code's checkout: the commit alone does not name that code."""
     try:
-        return client.create_experiment(experiment, artifact_location=artifacts)
-    except mlflow.exceptions.MlflowException:  # created meanwhile by another stage process
-        return client.get_experiment_by_name(experiment).experiment_id
+        import git
+
+        return git.Repo(path, search_parent_directories=True).is_dirty(untracked_files=False)
+    except Exception:  # noqa: BLE001 - no git, or not a checkout: nothing to say
+        return False
 
 
 def tracking_uri() -> str:
@@ -139,7 +190,7 @@ def start_child_run(
     experiment_id: str, parent_run_id: str | None, name: str, tags: Mapping[str, str] | None = None
 ) -> str:
     """A run under ``parent_run_id`` created through the client: safe from worker threads."""
-    all_tags = dict(tags or {})
+    all_tags = {**source_tags(), **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = MlflowClient().create_run(experiment_id, tags=all_tags, run_name=name)
@@ -191,6 +242,54 @@ def log_and_register_model(
     for key, value in metrics.items():
         client.set_model_version_tag(registered_model_name, version, key, f"{float(value):.6g}")
     return info.model_uri, version
+
+
+CHAMPION_ALIAS = "champion"
+SCORE_TAG = "lagent.score"
+
+
+def promote_if_better(name: str, version: str, score: float | None, metric: str) -> str:
+    """Give ``version`` the ``champion`` alias only if its ``score`` beats the current holder's.
+
+    Returns the line the pipeline's summary prints. A version without a score never takes the alias
+    from one that has one; the first scored version takes it when nobody holds it.
+    """
+    client = MlflowClient()
+    if score is None or not math.isfinite(score):
+        return f"v{version} has no {metric}: alias '{CHAMPION_ALIAS}' unchanged"
+    client.set_model_version_tag(name, version, SCORE_TAG, f"{score:.6g}")
+    try:
+        holder = client.get_model_version_by_alias(name, CHAMPION_ALIAS)
+    except mlflow.exceptions.MlflowException:  # nobody holds it yet
+        holder = None
+    if holder is not None and str(holder.version) != str(version):
+        held = holder.tags.get(SCORE_TAG)
+        if held is not None and float(held) >= score:
+            return f"v{holder.version} stays '{CHAMPION_ALIAS}' ({metric} {float(held):.3g} >= v{version}'s {score:.3g})"
+        client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
+        return f"v{version} is the new '{CHAMPION_ALIAS}' ({metric} {score:.3g} > v{holder.version}'s {held or 'none'})"
+    client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
+    return f"v{version} is '{CHAMPION_ALIAS}' ({metric} {score:.3g}; no earlier holder)"
+
+
+def finish_pipeline_run(
+    run_id: str, results: list[Mapping[str, Any]], seconds: float, root: Path, dvc_line: str
+) -> None:
+    """The parent run's own record: every stage's figures (``stage.metric``), the summary, the
+    evaluation report and the model card, so one run page tells how the pipeline went."""
+    metrics: dict[str, float] = {"pipeline_seconds": seconds}
+    for result in results:
+        for key, value in (result.get("metrics") or {}).items():
+            metrics[f"{result['name']}.{key}"] = float(value)
+        if "seconds" in result:
+            metrics[f"{result['name']}.seconds"] = float(result["seconds"])
+    log_metrics(run_id, metrics)
+    summary = {r["name"]: r["summary"] for r in results}
+    MlflowClient().log_text(run_id, json.dumps({"stages": summary, "seconds": seconds, "dvc": dvc_line}, indent=2),
+                            "pipeline_summary.json")
+    set_tags(run_id, {"lagent.dvc": dvc_line[:5000]})
+    log_artifacts(run_id, [root / "reports" / "evaluation.md", root / "models" / "export" / "model_card.md"])
+    end_run(run_id)
 
 
 def runs_of(experiment: str) -> Iterator[Any]:

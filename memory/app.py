@@ -184,7 +184,14 @@ async def _arrays_from(request: Request, model: type[BaseModel]) -> dict[str, np
 def _reply(request: Request, arrays: dict[str, np.ndarray]) -> Response:
     if wire.CONTENT_TYPE in request.headers.get("accept", ""):
         return Response(wire.encode(arrays), media_type=wire.CONTENT_TYPE)
-    return JSONResponse({name: a.tolist() for name, a in arrays.items()})
+    return JSONResponse({name: _json_list(a) for name, a in arrays.items()})
+
+
+def _json_list(array: np.ndarray) -> list[Any]:
+    """``array`` as lists; NaN (an unknown episode return) becomes null, which JSON can hold."""
+    if array.dtype.kind == "f" and np.isnan(array).any():
+        return np.where(np.isnan(array), None, array.astype(object)).tolist()
+    return array.tolist()
 
 
 def _check_reply_size(rows: int, dim: int, limit: int) -> None:
@@ -355,6 +362,25 @@ def create_app(settings: Settings) -> FastAPI:
                 "(batch_size * batches rows), to prefetch several at once.",
             ),
         ] = 1,
+        seed: Annotated[
+            int | None,
+            Query(
+                ge=0,
+                le=2**63 - 1,
+                description="Seed of this request's draws (default: the service's own generator). "
+                "With end_id, the same request always answers the same rows.",
+            ),
+        ] = None,
+        end_id: Annotated[
+            int | None,
+            Query(
+                ge=1,
+                le=2**62,
+                description="Draw only from rows with ids below this one (the collection's "
+                "next_id when the caller asked), so that rows stored since cannot change the "
+                "answer; 409 if it is beyond the ids stored so far.",
+            ),
+        ] = None,
     ) -> Response:
         """Replay batches, drawn with replacement (uniformly, or in proportion to priority)."""
         if batch_size * batches > settings.max_sample:
@@ -362,7 +388,10 @@ def create_app(settings: Settings) -> FastAPI:
         svc = service()
         collection = svc.get(name)
         _check_reply_size(batch_size * batches, collection.row.dim, settings.max_reply_bytes)
-        return _reply(request, collection.sample(batch_size, prioritized, beta, svc.rng, batches))
+        rng = svc.rng if seed is None else np.random.default_rng(seed)
+        return _reply(
+            request, collection.sample(batch_size, prioritized, beta, rng, batches, end_id)
+        )
 
     @v1.post(
         "/collections/{name}/priorities",

@@ -24,6 +24,7 @@ class Ring:
     rewards: np.ndarray
     dones: np.ndarray
     ids: np.ndarray
+    episode_returns: np.ndarray  # NaN where unknown
     embeddings: np.ndarray | None
 
     def __init__(
@@ -54,6 +55,7 @@ class Ring:
             "rewards": ((), np.float32),
             "dones": ((), np.float32),
             "ids": ((), np.int64),
+            "episode_returns": ((), np.float32),
         }
         if self.embedding_dim:
             layout["embeddings"] = ((self.embedding_dim,), np.float32)
@@ -95,6 +97,9 @@ class Ring:
             self.rewards[dst] = batch.rewards[src]
             self.dones[dst] = batch.dones[src]
             self.ids[dst] = ids[src]
+            self.episode_returns[dst] = (
+                np.nan if batch.episode_returns is None else batch.episode_returns[src]
+            )
             if self.embeddings is not None and batch.embeddings is not None:
                 self.embeddings[dst] = batch.embeddings[src]
         self.next_id = first_id + rows
@@ -122,4 +127,5 @@ class Ring:
             "rewards": self.rewards.take(slots),
             "next_obs": self.next_obs.take(slots, axis=0),
             "dones": self.dones.take(slots),
+            "episode_returns": self.episode_returns.take(slots),
         }

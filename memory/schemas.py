@@ -54,6 +54,11 @@ class TransitionBatch(_Body):
         default=None,
         description="[B, E] search vectors, for collections created with embedding_dim.",
     )
+    episode_returns: list[float] | None = Field(
+        default=None,
+        description="[B] optional: the return of the episode each row belongs to, so that a "
+        "search can prefer neighbours from successful episodes (omitted: unknown).",
+    )
 
 
 class PriorityUpdate(_Body):
@@ -109,6 +114,9 @@ class TransitionRows(BaseModel):
     rewards: list[float]
     next_obs: list[list[float]]
     dones: list[float]
+    episode_returns: list[float | None] = Field(
+        description="The return of each row's episode, as its writer stored it (null: unknown)."
+    )
 
 
 class ReplayBatchJSON(TransitionRows):

@@ -108,17 +108,25 @@ class Collection:
         beta: float,
         rng: np.random.Generator,
         batches: int = 1,
+        end_id: int | None = None,
     ) -> dict[str, np.ndarray]:
         """``batches`` replay batches back to back, drawn with replacement.
 
         Several batches per request let a client prefetch without paying a round trip per
         batch. Prioritized draws are stratified within each batch and their importance weights
         normalised by that batch's largest weight; uniform draws have weight 1.
+
+        ``end_id`` draws only from the rows stored before it (those that were live when the
+        collection's ``next_id`` was ``end_id``), so that, with a seeded ``rng``, the same request
+        gives the same rows however many have been stored since: a client's replay is then
+        reproducible although its writes arrive asynchronously.
         """
         size = self.ring.size
         if size == 0:
             raise Conflict(f"collection {self.name!r} is empty: store transitions before sampling")
         rows = batch_size * batches
+        if end_id is not None:
+            return self._sample_before(end_id, batch_size, batches, prioritized, beta, rng)
         if prioritized:
             total = self.priorities.total
             strata = np.tile(np.arange(batch_size), batches)
@@ -132,6 +140,52 @@ class Collection:
             weights = np.ones(rows, dtype=np.float32)
         self.counters["sampled"] += batches
         return {**self.ring.gather(slots), "weights": weights}
+
+    def _sample_before(
+        self,
+        end_id: int,
+        batch_size: int,
+        batches: int,
+        prioritized: bool,
+        beta: float,
+        rng: np.random.Generator,
+    ) -> dict[str, np.ndarray]:
+        """:meth:`sample` from the ids [end_id - capacity, end_id) that are still stored."""
+        ring = self.ring
+        if end_id > ring.next_id:
+            raise Conflict(
+                f"end_id {end_id}: collection {self.name!r} holds ids below {ring.next_id} only"
+            )
+        low = max(ring.oldest_id, end_id - ring.capacity)
+        window = end_id - low
+        if window <= 0:
+            raise Conflict(f"end_id {end_id}: every row below it was evicted (oldest id {low})")
+        rows = batch_size * batches
+        if not prioritized:
+            slots = ring.slots(low + rng.integers(0, window, rows))
+            self.counters["sampled"] += batches
+            return {**ring.gather(slots), "weights": np.ones(rows, dtype=np.float32)}
+        # The window's slots: one run, or two where it wraps round the end of the ring.
+        start = int(ring.slots(np.asarray([low]))[0])
+        runs = [(start, min(start + window, ring.capacity))]
+        if start + window > ring.capacity:
+            runs.append((0, start + window - ring.capacity))
+        bounds = self.priorities.prefix(np.asarray([b for run in runs for b in run]))
+        sums = bounds[1::2] - bounds[0::2]
+        total = float(sums.sum())
+        strata = np.tile(np.arange(batch_size), batches)
+        targets = (strata + rng.random(rows)) * (total / batch_size)
+        second = (targets >= sums[0]) & (len(runs) > 1)
+        offsets = np.where(second, bounds[-2] - sums[0], bounds[0])
+        slots = self.priorities.find(targets + offsets, used=ring.size)
+        low_slot = np.where(second, runs[-1][0], runs[0][0])
+        high_slot = np.where(second, runs[-1][1], runs[0][1]) - 1
+        slots = np.clip(slots, low_slot, high_slot)  # rounding at a run's edge
+        probabilities = self.priorities.get(slots) / total
+        raw = ((window * probabilities) ** -beta).reshape(batches, batch_size)
+        weights = (raw / raw.max(axis=1, keepdims=True)).astype(np.float32).reshape(rows)
+        self.counters["sampled"] += batches
+        return {**ring.gather(slots), "weights": weights}
 
     def read(self, first_id: int, limit: int) -> dict[str, np.ndarray]:
         """Up to ``limit`` stored rows in id order from ``first_id`` (or the oldest stored)."""

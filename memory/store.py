@@ -44,6 +44,7 @@ CREATE TABLE IF NOT EXISTS segments (
     next_obs BLOB NOT NULL,
     dones BLOB NOT NULL,
     embeddings BLOB,
+    episode_returns BLOB,
     PRIMARY KEY (collection, first_id)
 );
 CREATE TABLE IF NOT EXISTS writers (
@@ -99,6 +100,9 @@ class Log:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(segments)")}
+        if "episode_returns" not in columns:  # a data directory from before the column existed
+            self._db.execute("ALTER TABLE segments ADD COLUMN episode_returns BLOB")
 
     def close(self) -> None:
         with self._lock:
@@ -161,7 +165,7 @@ class Log:
                         (key.client_id, key.seq, collection, first_id, batch.rows),
                     )
                 self._db.execute(
-                    "INSERT INTO segments VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO segments VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         collection,
                         first_id,
@@ -172,6 +176,9 @@ class Log:
                         batch.next_obs.tobytes(),
                         batch.dones.tobytes(),
                         None if batch.embeddings is None else batch.embeddings.tobytes(),
+                        None
+                        if batch.episode_returns is None
+                        else batch.episode_returns.tobytes(),
                     ),
                 )
                 self._db.execute(
@@ -194,11 +201,12 @@ class Log:
         window_start = row.next_id - row.capacity
         with self._lock:
             found = self._db.execute(
-                "SELECT first_id, count, obs, actions, rewards, next_obs, dones, embeddings"
+                "SELECT first_id, count, obs, actions, rewards, next_obs, dones, embeddings,"
+                " episode_returns"
                 " FROM segments WHERE collection = ? AND first_id + count > ? ORDER BY first_id",
                 (row.name, window_start),
             )
-            for first_id, count, obs, actions, rewards, next_obs, dones, embeddings in found:
+            for first_id, count, obs, actions, rewards, next_obs, dones, embeddings, returns in found:
                 yield (
                     first_id,
                     Transitions(
@@ -213,6 +221,9 @@ class Log:
                             else np.frombuffer(embeddings, np.float32).reshape(
                                 count, row.embedding_dim or 0
                             )
+                        ),
+                        episode_returns=(
+                            None if returns is None else np.frombuffer(returns, np.float32)
                         ),
                     ),
                 )

@@ -66,6 +66,20 @@ class SumTree:
                 self._tree[2 * low : 2 * high : 2] + self._tree[2 * low + 1 : 2 * high : 2]
             )
 
+    def prefix(self, slots: np.ndarray) -> np.ndarray:
+        """Sum of the priorities of the slots below each of ``slots``, in O(log n)."""
+        slots = np.asarray(slots, dtype=np.int64)
+        full = slots >= self._leaves
+        nodes = self._leaves + np.minimum(slots, self._leaves - 1)
+        sums = np.zeros(len(nodes), dtype=np.float64)
+        width = self._leaves
+        while width > 1:  # leaf to root; every leaf is at the same depth
+            # A right child's left sibling holds the sum of the leaves just before its subtree.
+            sums += np.where(nodes & 1 == 1, self._tree[nodes - 1], 0.0)
+            nodes = nodes // 2
+            width //= 2
+        return np.where(full, self.total, sums)
+
     def find(self, targets: np.ndarray, used: int) -> np.ndarray:
         """Slots whose cumulative-priority interval holds each target in [0, total).
 

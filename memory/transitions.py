@@ -16,6 +16,7 @@ import numpy as np
 from memory.errors import InvalidInput
 
 FIELDS = ("obs", "actions", "rewards", "next_obs", "dones")
+OPTIONAL_FIELDS = ("episode_returns",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +29,10 @@ class Transitions:
     next_obs: np.ndarray  # float32 [B, D]
     dones: np.ndarray  # float32 [B], 1.0 = terminated
     embeddings: np.ndarray | None = None  # float32 [B, E] when the collection searches embeddings
+    # float32 [B]: the return of the episode each row belongs to (NaN: unknown, the default), so
+    # that a search can prefer neighbours from successful episodes. Writers that know it hold an
+    # episode's rows until it ends (agent: replay.tag_episode_returns).
+    episode_returns: np.ndarray | None = None
 
     @property
     def rows(self) -> int:
@@ -42,12 +47,15 @@ class Transitions:
             self.next_obs[start:],
             self.dones[start:],
             None if self.embeddings is None else self.embeddings[start:],
+            None if self.episode_returns is None else self.episode_returns[start:],
         )
 
     def arrays(self) -> dict[str, np.ndarray]:
         out = {name: getattr(self, name) for name in FIELDS}
         if self.embeddings is not None:
             out["embeddings"] = self.embeddings
+        if self.episode_returns is not None:
+            out["episode_returns"] = self.episode_returns
         return out
 
 
@@ -83,7 +91,7 @@ def validate_batch(
     missing = [name for name in (*FIELDS, "embeddings") if name in expected and name not in arrays]
     if missing:
         raise InvalidInput(f"missing arrays: {', '.join(missing)}")
-    if unexpected := sorted(set(arrays) - expected):
+    if unexpected := sorted(set(arrays) - expected - set(OPTIONAL_FIELDS)):
         raise InvalidInput(f"unexpected arrays: {', '.join(unexpected)}")
     actions = arrays["actions"]
     if actions.ndim != 1:
@@ -111,6 +119,20 @@ def validate_batch(
     embeddings = None
     if embedding_dim:
         embeddings = float_matrix("embeddings", arrays["embeddings"], rows, embedding_dim)
+    episode_returns = None
+    if "episode_returns" in arrays:
+        episode_returns = _vector("episode_returns", arrays["episode_returns"], rows)
+        if episode_returns.dtype.kind != "f":
+            raise InvalidInput(
+                f"episode_returns: dtype must be a float type, got {episode_returns.dtype}"
+            )
+        with np.errstate(over="ignore"):
+            episode_returns = episode_returns.astype(np.float32)
+        if np.isinf(episode_returns).any():
+            raise InvalidInput(
+                "episode_returns: contains infinity (or values beyond float32 range); "
+                "NaN means unknown"
+            )
     return Transitions(
         obs=float_matrix("obs", arrays["obs"], rows, dim),
         actions=actions.astype(np.int64),
@@ -118,4 +140,5 @@ def validate_batch(
         next_obs=float_matrix("next_obs", arrays["next_obs"], rows, dim),
         dones=dones,
         embeddings=embeddings,
+        episode_returns=episode_returns,
     )

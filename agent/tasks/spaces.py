@@ -670,22 +670,56 @@ def _pair(value: Any, key: str) -> tuple[float, float]:
     return low, high
 
 
+_SPACE_ALIASES: dict[str, TaskType] = {
+    "cooperative": TaskType.MULTI_AGENT,  # the spec's CooperativeActionSpace
+    "multi-agent": TaskType.MULTI_AGENT,  # the spec's "Multi-Agent Tasks"
+    "multiagent": TaskType.MULTI_AGENT,
+}
+"""Other names the spec gives an action space, besides each TaskType's value and name."""
+
+
+def _space_task(task_type: Any) -> TaskType:
+    """The task whose action space ``task_type`` names (case-insensitive, '-' or '_')."""
+    task = TaskType.parse(task_type)
+    if task is not None:
+        return task
+    text = str(task_type).strip().lower()
+    task = TaskType.parse(text.replace("-", "_")) or _SPACE_ALIASES.get(text)
+    if task is None:
+        valid = [t.value for t in TaskType] + list(_SPACE_ALIASES)
+        raise ActionSpaceError(f"unknown task type {task_type!r}; valid: {', '.join(valid)}")
+    return task
+
+
 class ActionSpaceFactory:
     """Builds the action space of a task from the training configuration (the spec's keys)."""
 
     @staticmethod
     def create_action_space(task_type: Any = "navigation", num_agents: int = 1, **config: Any) -> ActionSpace:
-        """``config``: ``action_bounds`` ({velocity, acceleration, joint_velocity,
+        """The action space of ``task_type``: a TaskType or its name; the multi-agent space is
+        also ``"cooperative"`` (or ``"multi-agent"``), as the spec calls it.
+
+        ``num_agents`` > 1 asks for a team: ``"navigation"`` with ``num_agents=2`` is the spec's
+        own configuration example (a team navigating together, with ``min_agent_distance``), so
+        it gives the CooperativeActionSpace of that many agents, as ``"cooperative"`` does.
+        Exploration and manipulation have no team form: ``num_agents`` > 1 is an error there.
+        ``"cooperative"`` with ``num_agents=1`` gives the multi-agent task's team
+        (``tasks.multi_agent.num_agents``).
+
+        ``config``: ``action_bounds`` ({velocity, acceleration, joint_velocity,
         joint_position, communication: [low, high]}), ``safety_constraints``
         ({max_velocity_near_obstacle, safety_distance, min_agent_distance}), ``tool`` (bool),
         ``seed``. Unset values come from params.yaml (``tasks``)."""
         from agent.tasks.params import task_settings
 
-        task = TaskType.parse(task_type)
-        if task is None:
-            raise ActionSpaceError(f"unknown task type {task_type!r}; expected one of {[t.value for t in TaskType]}")
+        task = _space_task(task_type)
         if not isinstance(num_agents, int) or num_agents < 1:
             raise ActionSpaceError(f"num_agents must be a positive integer, got {num_agents!r}")
+        if num_agents > 1 and task in (TaskType.EXPLORATION, TaskType.MANIPULATION):
+            raise ActionSpaceError(
+                f"{task.value} has no multi-agent action space (num_agents={num_agents}): "
+                "ask for task_type='cooperative' for a team"
+            )
         unknown = set(config) - {"action_bounds", "safety_constraints", "tool", "seed"}
         if unknown:
             raise ActionSpaceError(f"unknown action-space settings {sorted(unknown)}")
@@ -710,7 +744,7 @@ class ActionSpaceFactory:
                 gripper=bool(config.get("tool", False)),
                 seed=seed,
             )
-        if task is TaskType.MULTI_AGENT or num_agents > 1:
+        if task is TaskType.MULTI_AGENT or num_agents > 1:  # a team (see the docstring)
             agents = num_agents if num_agents > 1 else settings.multi_agent.num_agents
             communication = _pair(bounds.get("communication", (0, settings.multi_agent.comm_levels - 1)), "communication")
             if communication[0] != 0 or communication[1] != round(communication[1]):

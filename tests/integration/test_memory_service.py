@@ -460,8 +460,17 @@ def test_bad_input_gets_4xx_and_leaves_the_store_alone(http: httpx.Client) -> No
         {"batch_size": 65536, "batches": 2},
         {"batches": 0},
         {"prioritized": "maybe"},
+        {"seed": -1},
+        {"seed": 2**63},
+        {"end_id": 0},
+        {"end_id": "soon"},
     ):
         refused(http.get("/v1/collections/guarded/sample", params=params), f"sample {params}", 422)
+    refused(
+        http.get("/v1/collections/guarded/sample", params={"end_id": 10**9}),
+        "end_id beyond the stored ids",
+        409,
+    )
     for k in (0, -1, 100_000):
         refused(
             http.post(

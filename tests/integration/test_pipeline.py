@@ -84,47 +84,91 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return repo
 
 
-def test_dvc_repro_runs_every_stage_then_only_what_changed(project: Path) -> None:
-    env = _env(project)
-    first = _run([sys.executable, "-m", "dvc", "repro"], project, env)
-    assert _ran(first) == set(STAGES), first[-3000:]
+def _dvc(project: Path, *args: str) -> str:
+    return _run([sys.executable, "-m", "dvc", *args], project, _env(project))
+
+
+def test_prefect_run_is_dvcs_state_then_dvc_reruns_only_what_changed(prefect_harness, project: Path) -> None:
+    """The main job's path (the Prefect flow) leaves the state `dvc repro` would have left: a clean
+    `dvc status`, a `dvc repro` with nothing to do, metrics to show; a param change then reruns
+    only the stage that reads it, through `dvc repro`, into the same MLflow store."""
+    from flows.pipeline import pipeline
+
+    summary = pipeline(params_files=[str(project / "params.yaml")], root=str(project))
+    assert [r["name"] for r in summary["stages"]] == list(STAGES)
+    assert summary["dvc"]["committed"] == list(STAGES), summary["dvc"]
     for level in LEVELS:
         assert (project / "models" / f"{level}.pt").stat().st_size > 0
-        train = json.loads((project / "metrics" / f"train_{level}.json").read_text())
-        assert train["train_steps"] >= 1
+        assert json.loads((project / "metrics" / f"train_{level}.json").read_text())["train_steps"] >= 1
     evaluation = json.loads((project / "metrics" / "evaluate.json").read_text())
     assert set(evaluation) == set(LEVELS)
     assert all(0.0 <= row["success_rate"] <= 1.0 for row in evaluation.values())
 
-    shown = _run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], project, env)
-    assert "evaluate.json" in shown
-
-    second = _run([sys.executable, "-m", "dvc", "repro"], project, env)
-    assert _ran(second) == set(), second[-2000:]
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert set(lock["stages"]) == set(STAGES)
+    assert "up to date" in _dvc(project, "status")
+    assert _ran(_dvc(project, "repro")) == set()
+    assert "evaluate.json" in _dvc(project, "metrics", "show", "--json")
 
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["export"]["onnx_opset"] = params["export"]["onnx_opset"] - 1
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    third = _run([sys.executable, "-m", "dvc", "repro"], project, env)
-    assert _ran(third) == {"export"}, third[-2000:]
-    status = _run([sys.executable, "-m", "dvc", "status"], project, env)
-    assert "changed" not in status
+    assert _ran(_dvc(project, "repro")) == {"export"}
+    assert "changed" not in _dvc(project, "status")
 
-    # Every stage wrote its MLflow run into the project's store, and export registered the model.
+    # Every stage wrote its MLflow run into the project's store: the flow's under one parent run.
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("lagent")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
-    stage_runs = {r.data.tags.get("lagent.stage") for r in runs if r.data.tags.get("lagent.stage")}
-    assert stage_runs == set(STAGES)
+    parent = next(r for r in runs if r.info.run_id == summary["mlflow_parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["train.learning_rate"] == str(params["train"]["learning_rate"])
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert {r.data.tags["lagent.stage"] for r in children} == set(STAGES)
+    train = next(r for r in children if r.data.tags["lagent.stage"] == "train_beginner")
+    assert "train.learning_rate" in train.data.params
+    assert "eval_mean_reward" in train.data.metrics
+    assert len(client.get_metric_history(train.info.run_id, "rollout/reward_mean")) >= 1
+    search = next(r for r in children if r.data.tags["lagent.stage"] == "search_hyperparameters")
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == search.info.run_id]
+    assert len(trials) >= 2 and all("value" in t.data.metrics or t.data.tags["optuna.state"] != "COMPLETE" for t in trials)
+
+    # The parent run carries the pipeline's figures, its summary, report and model card.
+    assert parent.data.metrics["train_expert.eval_success_rate"] == pytest.approx(
+        json.loads((project / "metrics" / "train_expert.json").read_text())["eval_success_rate"]
+    )
+    assert "pipeline_seconds" in parent.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"evaluation.md", "model_card.md", "pipeline_summary.json"} <= artifacts
+
+    # Which code made each run: the tags MLflow sets on runs it starts itself.
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    for run in (parent, train, trials[0]):
+        tags = run.data.tags
+        assert tags["mlflow.user"] and tags["mlflow.source.name"] and tags["mlflow.source.type"] == "LOCAL"
+        if head.returncode == 0:
+            assert tags["mlflow.source.git.commit"] == head.stdout.strip()
+    export_by_dvc = next(
+        r for r in runs if r.data.tags.get("lagent.stage") == "export" and r.info.run_id not in {c.info.run_id for c in children}
+    )
+    project_head = _run(["git", "rev-parse", "HEAD"], project, _env(project)).strip()
+    assert export_by_dvc.data.tags["mlflow.source.git.commit"] == project_head
+
     # The run names the checkpoint by the hash DVC recorded for it, so `dvc pull` finds that file.
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     locked = {o["path"]: o["md5"] for o in lock["stages"]["train_expert"]["outs"]}
-    expert_run = next(r for r in runs if r.data.tags.get("lagent.stage") == "train_expert")
+    expert_run = next(r for r in children if r.data.tags.get("lagent.stage") == "train_expert")
     assert expert_run.data.tags["dvc.md5"] == locked["models/expert.pt"]
+
+    # Two exports of the same policy: the second is registered but does not take `champion`.
     versions = client.search_model_versions("name='lagent-navigation-policy'")
-    assert len(versions) == 2  # the opset change exported and registered again
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+    assert all("expert_success_rate" in v.tags and "lagent.score" in v.tags for v in versions)
+    assert str(client.get_model_version_by_alias("lagent-navigation-policy", "champion").version) == "1"
+    assert "v1 stays 'champion'" in export_by_dvc.data.tags["lagent.summary"]
 
 
 def test_exported_onnx_matches_torch(project: Path) -> None:
@@ -148,39 +192,3 @@ def test_exported_onnx_matches_torch(project: Path) -> None:
     assert (export / "model_card.md").read_text().count("|") > 10  # the metrics table is filled in
 
 
-@pytest.fixture(scope="module")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-def test_prefect_flow_tracks_parent_and_child_runs(prefect_harness, tmp_path: Path, monkeypatch) -> None:
-    from mlflow.tracking import MlflowClient
-
-    from flows.pipeline import pipeline
-
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    summary = pipeline(quick=True, root=str(tmp_path), overrides=["pipeline.experiment=harness"])
-    assert [r["name"] for r in summary["stages"]] == list(STAGES)
-    assert (tmp_path / "models" / "export" / "policy.onnx").exists()
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("harness")
-    runs = client.search_runs([experiment.experiment_id], max_results=1000)
-    parent = [r for r in runs if r.info.run_id == summary["mlflow_parent_run_id"]]
-    assert parent and parent[0].info.status == "FINISHED"
-    assert parent[0].data.params["train.learning_rate"] == "0.001"
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == summary["mlflow_parent_run_id"]]
-    assert {r.data.tags["lagent.stage"] for r in children} == set(STAGES)
-    train = next(r for r in children if r.data.tags["lagent.stage"] == "train_beginner")
-    assert "train.learning_rate" in train.data.params
-    assert "eval_mean_reward" in train.data.metrics
-    assert len(client.get_metric_history(train.info.run_id, "rollout/reward_mean")) >= 1
-    assert train.data.tags["dvc.md5"]
-    search = next(r for r in children if r.data.tags["lagent.stage"] == "search_hyperparameters")
-    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == search.info.run_id]
-    assert len(trials) >= 2 and all("value" in t.data.metrics or t.data.tags["optuna.state"] != "COMPLETE" for t in trials)
-    versions = client.search_model_versions("name='lagent-navigation-policy'")
-    assert versions and "beginner_success_rate" in versions[0].tags

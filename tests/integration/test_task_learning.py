@@ -11,12 +11,14 @@ The figures at larger budgets are in benchmarks/results/learning_curves.md.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 
 from agent import LearningAgent, TrainingManager
 from agent.config import load_config
-from agent.tasks import task_spaces
+from agent.tasks import CurriculumManager, task_spaces
+from agent.tasks.params import task_settings
 
 pytestmark = pytest.mark.slow
 
@@ -25,22 +27,27 @@ BUDGETS = {
     "navigation": (30_000, 0.25),
     "exploration": (50_000, 0.2),
     "multi_agent": (100_000, 0.25),
-    "manipulation": (30_000, 0.15),
+    "manipulation": (80_000, 0.15),
 }
 EPISODES = 100
+EPISODE_STEPS = 200
 
 
 def train_and_compare(task: str, steps: int, seed: int = 0) -> dict[str, dict[str, float]]:
     config = load_config(
         overrides=[
             f"train.task={task}", f"run.seed={seed}",
-            "train.max_steps_per_episode=200",
             "train.exploration=linear", "train.exploration_fraction=0.3",
             "train.max_episodes=null", f"train.total_timesteps={steps}",
         ]
     )
+    # Episodes of 200 steps: a task type's episode ends at its stage's time limit.
+    first_stage = CurriculumManager().parameters_for("beginner")
+    short = dataclasses.replace(first_stage, time_limit=EPISODE_STEPS * task_settings().dt)
     obs_dim, n_actions = task_spaces(task)
-    trainer = TrainingManager(LearningAgent(obs_dim, n_actions, config=config), task_type=task, tensorboard=False)
+    trainer = TrainingManager(
+        LearningAgent(obs_dim, n_actions, config=config), task_type=task, tensorboard=False, task_params=short
+    )
     asyncio.run(trainer.train())
     results = {}
     for name, epsilon in (("trained", 0.05), ("greedy", 0.0), ("random", 1.0)):

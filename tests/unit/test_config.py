@@ -99,3 +99,18 @@ def test_collect_overrides_keeps_only_named_keys():
 def test_saved_config_round_trips():
     config = load_config(overrides=["train.gamma=0.9", "network.dueling=true"])
     assert config_from_dict(config.to_dict()) == config
+
+
+def test_memory_collection_is_per_run_unless_named():
+    from agent.config import with_run_collection
+
+    config = load_config()
+    assert config.memory.collection == "auto"
+    assert load_config(overrides=["memory.collection=null"]).memory.collection == "auto"
+    first, second = (with_run_collection(config, "ALE/Pong-v5").memory.collection for _ in range(2))
+    assert first != second and first.startswith("ALE-Pong-v5-")
+    assert with_run_collection(config, "x").train == config.train
+    shared = load_config(overrides=["memory.collection=navigation-shared"])
+    assert with_run_collection(shared, "x").memory.collection == "navigation-shared"
+    with pytest.raises(ConfigError, match=r"memory.collection: .*'no spaces' is not a collection name: use 'auto'"):
+        load_config(overrides=["memory.collection=no spaces"])

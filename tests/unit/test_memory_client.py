@@ -253,3 +253,23 @@ def test_shutdown_without_an_event_loop_keeps_what_it_could_not_deliver(
     assert client.shutdown() is False  # twice is harmless
     with pytest.raises(RuntimeError, match="closed"):
         asyncio.run(client.store_transitions(**rows(1)))
+
+
+def test_a_client_from_a_whole_config_is_seeded_and_auto_means_a_collection_of_its_own(
+    tmp_path: Path,
+) -> None:
+    from agent.config import load_config
+
+    config = load_config(overrides=["memory.base_url=http://127.0.0.1:9/", "run.seed=3"])
+    clients = [MemoryClient.from_config(config, outbox_dir=tmp_path / str(i)) for i in range(2)]
+    try:
+        assert clients[0].collection != clients[1].collection
+        assert clients[0].collection.startswith("client-")
+        draws = [int(c._sample_rng.integers(2**63 - 1)) for c in clients]
+        assert draws[0] == draws[1] == int(np.random.default_rng(3).integers(2**63 - 1))
+        section_only = MemoryClient.from_config(config.memory, outbox_dir=tmp_path / "s")
+        assert section_only._sample_rng is None  # no run.seed: the service draws as it likes
+        section_only.shutdown(0)
+    finally:
+        for client in clients:
+            client.shutdown(0)

@@ -95,3 +95,12 @@ def test_vectors_are_embeddings_when_the_collection_has_them() -> None:
     plain = Ring(capacity=10, dim=3, embedding_dim=None)
     plain.append(batch(0, 4, dim=3))
     np.testing.assert_array_equal(plain.vectors(), plain.obs[:4])
+
+
+def test_prefix_sums_cover_the_slots_below() -> None:
+    tree = SumTree(6)
+    values = np.array([1.0, 2.0, 0.0, 4.0, 8.0, 16.0])
+    tree.set(np.arange(6), values)
+    expected = np.concatenate(([0.0], np.cumsum(values)))
+    np.testing.assert_allclose(tree.prefix(np.arange(7)), expected)
+    assert tree.prefix(np.array([100])).tolist() == [tree.total]  # past the leaves: everything

@@ -174,3 +174,41 @@ def test_search_flattens_hits_and_checks_queries(service: MemoryService) -> None
         service.get("s").search(np.zeros((11, 3)), 2, max_queries=10)
     with pytest.raises(InvalidInput, match=r"states: expected shape \[B, 3\]"):
         service.get("s").search(np.zeros((1, 2)), 2, max_queries=10)
+
+
+def test_a_seeded_sample_below_end_id_ignores_rows_stored_since(service: MemoryService) -> None:
+    """What makes replay through the service reproducible: the same seed and end_id give the same
+    rows, uniform or prioritized, however many rows arrived after end_id."""
+    service.create("s", 3, capacity=None, embedding_dim=None, priority_alpha=0.6)
+    service.store("s", arrays(40), None)
+    collection = service.get("s")
+    first = {
+        prioritized: collection.sample(8, prioritized, 0.4, np.random.default_rng(7), 2, end_id=30)
+        for prioritized in (False, True)
+    }
+    service.store("s", arrays(50, start=40), None)
+    for prioritized, drawn in first.items():
+        again = collection.sample(8, prioritized, 0.4, np.random.default_rng(7), 2, end_id=30)
+        assert (again["ids"] == drawn["ids"]).all() and (again["weights"] == drawn["weights"]).all()
+        assert drawn["ids"].max() < 30
+    with pytest.raises(Conflict, match="holds ids below 90"):
+        collection.sample(8, False, 0.4, service.rng, end_id=91)
+
+
+def test_prioritized_draws_below_end_id_follow_priorities_across_the_wrap(
+    service: MemoryService,
+) -> None:
+    service.create("w", 3, capacity=10, embedding_dim=None, priority_alpha=1.0)
+    service.store("w", arrays(25), None)  # ids 15..24 live; 15..19 in slots 5..9, 20..24 in 0..4
+    collection = service.get("w")
+    ids = np.arange(15, 25)
+    collection.update_priorities(ids, (ids - 14).astype(np.float64))
+    drawn = collection.sample(100, True, 1.0, np.random.default_rng(0), 64, end_id=23)
+    assert drawn["ids"].min() >= 15 and drawn["ids"].max() < 23
+    window = np.arange(15, 23)
+    counts = np.array([(drawn["ids"] == i).sum() for i in window]) / len(drawn["ids"])
+    np.testing.assert_allclose(counts, (window - 14) / (window - 14).sum(), atol=0.01)
+    uniform = collection.sample(100, False, 0.4, np.random.default_rng(0), 64, end_id=23)
+    assert set(uniform["ids"].tolist()) == set(window.tolist())
+    with pytest.raises(Conflict, match="evicted"):
+        collection.sample(4, False, 0.4, service.rng, end_id=15)
