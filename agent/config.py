@@ -28,6 +28,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from memory import wire  # the collection-name rule the service applies
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS_PATH = PROJECT_ROOT / "params.yaml"
 PROFILES = "profiles"  # params.yaml's per-task settings, see task_profile()
@@ -35,7 +37,6 @@ PROFILES = "profiles"  # params.yaml's per-task settings, see task_profile()
 
 AUTO_COLLECTION = "auto"
 """``memory.collection`` value meaning: a new collection for every run."""
-_COLLECTION_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 class ConfigError(ValueError):
@@ -218,11 +219,11 @@ class MemoryConfig(_Section):
     def _collection(cls, value: str | None) -> str:
         if value is None or value == AUTO_COLLECTION:
             return AUTO_COLLECTION
-        if not _COLLECTION_NAME.fullmatch(value):
+        if not wire.is_collection_name(value):
             raise ValueError(
                 f"{value!r} is not a collection name: use 'auto' (a new collection for every run) "
-                "or a name of 1-64 characters A-Z a-z 0-9 _ . - (one collection shared by every "
-                "run that names it)"
+                f"or a name of {wire.COLLECTION_NAME_RULE} (one collection shared by every run "
+                "that names it)"
             )
         return value
 
@@ -251,15 +252,53 @@ def register_section(name: str, model: type[BaseModel]) -> None:
     _EXTRA_SECTIONS[name] = model
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML for params files: no anchors or aliases, no duplicate keys.
+
+    An alias lets a few lines expand into gigabytes (a "billion laughs" file takes minutes and
+    GBs before any check runs), and a duplicate key silently drops one of two values: both are
+    refused before anything is built from the document.
+    """
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.constructor.ConstructorError(
+                None, None, "anchors and aliases (*name) are not allowed in params files", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) or key is None:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key '{key}'", key_node.start_mark
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a UTF-8 text file (a params file is YAML text)") from None
     except OSError as exc:
         raise ConfigError(f"cannot read params file {path}: {exc.strerror or exc}") from None
     try:
-        data = yaml.safe_load(text)
+        data = _load_yaml(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        raise ConfigError(f"{path}{where}: not valid YAML for a params file: {problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -296,6 +335,11 @@ def _check_keys(update: Mapping[str, Any], known: Mapping[str, Any], source: str
             close = difflib.get_close_matches(dotted, candidates, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"{source}: unknown key '{dotted}'{hint}")
+        if isinstance(known[key], Mapping) and value is not None and not isinstance(value, Mapping):
+            raise ConfigError(
+                f"{source}: '{dotted}' is a section of settings: give it a mapping (key: value), "
+                f"not a {type(value).__name__}"
+            )
         # An empty mapping in the defaults (a stage's completion_criteria) is open: any key goes.
         if isinstance(value, Mapping) and isinstance(known[key], Mapping) and known[key]:
             _check_keys(value, known[key], source, dotted + ".")
@@ -310,7 +354,7 @@ def parse_override(text: str) -> dict[str, Any]:
     if len(parts) < 2 or not all(parts):
         raise ConfigError(f"override '{text}' must name a section and a key, like train.gamma=0.9")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     nested: dict[str, Any] = {parts[-1]: value}
@@ -498,7 +542,7 @@ def config_for_task(
 
 def run_collection_name(prefix: str) -> str:
     """A new Memory-service collection name: ``{prefix}-{YYYYmmdd-HHMMSS}-{6 hex}``."""
-    prefix = re.sub(r"[^A-Za-z0-9_.-]+", "-", prefix).strip("-")[:40] or "run"
+    prefix = re.sub(r"[^A-Za-z0-9_.-]+", "-", prefix).strip("-.")[:40] or "run"
     return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 

@@ -33,7 +33,6 @@ import logging
 import math
 import os
 import random
-import re
 import shutil
 import tempfile
 import threading
@@ -58,7 +57,6 @@ _MAX_PRIORITY_UPDATES_IN_FLIGHT = 8
 _MAX_QUERIES = 4096  # query states per search request (memory.settings.Settings.max_queries)
 _T = TypeVar("_T")
 _BATCH_FIELDS = ("ids", "obs", "actions", "rewards", "next_obs", "dones", "weights")
-_COLLECTION_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 class ReplayBatch(NamedTuple):
@@ -384,8 +382,8 @@ class MemoryClient:
         Exact for uniform replay when no other client writes to the collection meanwhile;
         prioritized batches also depend on when priority updates arrive. None: the service
         draws with its own generator from whatever it holds."""
-        if not _COLLECTION_NAME.fullmatch(collection):
-            raise ValueError(f"collection name {collection!r}: use 1-64 of A-Z a-z 0-9 _ . -")
+        if not wire.is_collection_name(collection):
+            raise ValueError(f"collection name {collection!r}: use {wire.COLLECTION_NAME_RULE}")
         if token is None:
             token = os.environ.get("MEMORY_TOKEN") or None
         self.close_timeout = close_timeout

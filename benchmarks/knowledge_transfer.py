@@ -2,6 +2,7 @@
 
     python benchmarks/knowledge_transfer.py            # 5 seeds, the full budget
     python benchmarks/knowledge_transfer.py --quick    # one short seed, to check that it runs
+    python benchmarks/knowledge_transfer.py --variants state,network,success  # how to choose neighbours
 
 A source agent first trains on CartPole-v1 (the tuned profile, configs/cartpole.yaml), storing its
 experience in the Memory service. Then, for each seed, three agents learn the target task, a

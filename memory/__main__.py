@@ -14,7 +14,7 @@ from pathlib import Path
 
 import uvicorn
 
-from memory.app import create_app
+from memory.app import check_token, create_app
 from memory.settings import LOOPBACK_HOSTS, Settings
 
 log = logging.getLogger("memory")
@@ -62,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.token:  # a blank one ("   ") would be matched by "Bearer " and no token at all
+        try:
+            check_token(args.token)
+        except ValueError as exc:
+            log.error("%s (--token or MEMORY_TOKEN)", exc)
+            return 2
     if args.host not in LOOPBACK_HOSTS and not args.token:
         log.error(
             "refusing to bind %s without a token: pass --token or set MEMORY_TOKEN", args.host

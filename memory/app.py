@@ -53,13 +53,19 @@ class BearerAuth:
     """Pure ASGI middleware: every HTTP request must carry ``Authorization: Bearer <token>``."""
 
     def __init__(self, app: ASGIApp, token: str) -> None:
+        check_token(token)
         self.app = app
-        self.expected = f"Bearer {token}".encode()
+        self.expected = token.encode()
+
+    def _allowed(self, header: bytes) -> bool:
+        """``Bearer <token>``, the scheme in any case (RFC 7235), the token exactly."""
+        scheme, _, given = header.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(b" "), self.expected)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-            if not hmac.compare_digest(given, self.expected):
+            if not self._allowed(given):
                 reply = JSONResponse(
                     {
                         "detail": "missing or wrong bearer token "
@@ -71,6 +77,14 @@ class BearerAuth:
                 await reply(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def check_token(token: str) -> str:
+    """A token is at least one visible character and no white space: a blank one would be matched
+    by a header that carries no token at all."""
+    if not token or not token.strip() or any(c.isspace() for c in token):
+        raise ValueError("the service token must be non-empty and contain no white space")
+    return token
 
 
 class BodyLimit:
@@ -210,7 +224,17 @@ def _error_handlers() -> dict[int | type[Exception], ExceptionHandler]:
 
         return handler
 
+    async def invalid_request(_: Request, exc: Exception) -> Response:
+        # FastAPI's own handler echoes each bad input back; NaN or Infinity there cannot be encoded
+        # as JSON and turned a 422 into a 500 that dropped the connection. Name the field instead.
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+            for e in exc.errors()  # type: ignore[attr-defined]
+        ]
+        return JSONResponse({"detail": errors}, status_code=422)
+
     return {
+        RequestValidationError: invalid_request,
         wire.WireError: answer(400),
         NotFound: answer(404),
         Conflict: answer(409),
@@ -245,6 +269,8 @@ def create_app(settings: Settings) -> FastAPI:
         exception_handlers=_error_handlers(),
     )
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    if settings.token is not None:
+        check_token(settings.token)  # refused now, not at the first request
     if settings.token:  # added last, so it runs first: no body is read for a stranger
         app.add_middleware(BearerAuth, token=settings.token)
     v1 = APIRouter(prefix="/v1", responses=_ERRORS)

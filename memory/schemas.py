@@ -10,16 +10,16 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-COLLECTION_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
+from memory.wire import COLLECTION_NAME, COLLECTION_NAME_RULE
 
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 CollectionName = Annotated[
-    str, Field(pattern=COLLECTION_NAME, description="1-64 of A-Z a-z 0-9 _ . -")
+    str, Field(pattern=COLLECTION_NAME, description=COLLECTION_NAME_RULE)
 ]
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN anywhere: a 422 naming it
 
 
 class CollectionCreate(_Body):

@@ -15,11 +15,22 @@ shares it with the server, and must not pull in any server code.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
+COLLECTION_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"
+"""A collection name, for the service and its clients alike. It starts with a letter, digit or
+underscore: "." and ".." would be normalised out of a URL path by any HTTP client."""
+COLLECTION_NAME_RULE = "1-64 of A-Z a-z 0-9 _ . -, starting with a letter, digit or _"
+
+
+def is_collection_name(name: object) -> bool:
+    return isinstance(name, str) and re.fullmatch(COLLECTION_NAME, name) is not None
+
 
 CONTENT_TYPE = "application/octet-stream"
 MAGIC = b"MWB1"

@@ -132,6 +132,10 @@ def test_prefect_run_is_dvcs_state_then_dvc_reruns_only_what_changed(prefect_har
     assert "train.learning_rate" in train.data.params
     assert "eval_mean_reward" in train.data.metrics
     assert len(client.get_metric_history(train.info.run_id, "rollout/reward_mean")) >= 1
+    # The spec's monitoring list reaches MLflow too: system figures, throughput, per-layer gradients.
+    assert {"system/rss_mb", "system/cpu_percent", "time/updates_per_second", "grad_norm/head",
+            "memory/latency_p50_ms", "memory/latency_p99_ms"} <= set(train.data.metrics)
+    assert train.data.metrics["system/rss_mb"] > 0
     search = next(r for r in children if r.data.tags["lagent.stage"] == "search_hyperparameters")
     trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == search.info.run_id]
     assert len(trials) >= 2 and all("value" in t.data.metrics or t.data.tags["optuna.state"] != "COMPLETE" for t in trials)
