@@ -42,7 +42,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agent.seeding import preserved_torch_rng
-from agent.checkpoint import CheckpointError, load_checkpoint_file
+from agent.checkpoint import CheckpointError, check_buffer_size, load_checkpoint_file
 from agent.config import (
     Config,
     ConfigError,
@@ -1497,10 +1497,13 @@ def load_policy(path: str | Path) -> LearningAgent:
     try:
         config = config_from_dict(document["config"], source=str(path))
         architecture = NetworkArchitecture.from_dict(document["agent"]["architecture"])
+        check_buffer_size(config.replay.local_buffer_size, architecture.input_dim, path)
         agent = LearningAgent(
             architecture.input_dim, architecture.output_dim, config=config, architecture=architecture
         )
         agent.q_network.load_state_dict(document["agent"]["q_network"])
+    except CheckpointError:
+        raise
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: checkpoint holds no usable policy: {exc}") from None
     agent.update_target_network()

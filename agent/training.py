@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import yaml
 
-from agent.checkpoint import CheckpointError, load_checkpoint_file, save_checkpoint_file
+from agent.checkpoint import CheckpointError, check_buffer_size, load_checkpoint_file, save_checkpoint_file
 from agent.config import Config, config_for_task, config_from_dict, with_overrides
 from agent.dqn import LearningAgent
 from agent.network import NetworkArchitecture
@@ -804,7 +804,7 @@ class TrainingManager:
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore a checkpoint: the model always, the whole run state when the file has it."""
-        document = load_checkpoint_file(path, map_location=self.agent.device)
+        document = load_checkpoint_file(path, map_location=self.agent.device, device=self.agent.device)
         try:
             self.agent.load_state_dict(document["agent"])
             if self.meta is not None and "meta" in document:
@@ -817,8 +817,11 @@ class TrainingManager:
                         self.task_params = self.curriculum.get_current_parameters()
                         self._rebuild_envs()
                 self._restore_run_state(state)
-        except (KeyError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"{path}: checkpoint does not fit this trainer: {exc}") from None
+        except CheckpointError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"{path}: checkpoint does not fit this trainer: {reason}") from None
 
     def _restore_run_state(self, state: Mapping[str, Any]) -> None:
         self.global_step = int(state["global_step"])
@@ -840,7 +843,12 @@ class TrainingManager:
         torch.set_rng_state(state["torch_rng"])
         self.stage_transitions = list(state.get("stage_transitions", []))
         self.train_seconds = float(state.get("train_seconds", 0.0))
-        if restore_env_state(self.envs, state["env"]):
+        try:
+            restored = len(state["ep_return"]) == self.envs.num_envs and restore_env_state(self.envs, state["env"])
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"trainer.env: not an environment state of '{self.task}' ({reason})") from None
+        if restored:
             self._obs = state["obs"].numpy().copy()
             self._ep_return = state["ep_return"].numpy().copy()
             self._ep_length = state["ep_length"].numpy().copy()
@@ -874,7 +882,21 @@ class TrainingManager:
             task = str(document["task"])
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{path}: checkpoint lacks or garbles {exc}") from None
+        # The task decides the network's input and output sizes: check before building anything.
+        envs = make_vector_env(task, 1)
+        try:  # sizes as _check_dimensions reads them
+            obs_dim = int(np.prod(envs.single_observation_space.shape))
+            n_actions = int(envs.single_action_space.n)
+        finally:
+            envs.close()
+        if (architecture.input_dim, architecture.output_dim) != (obs_dim, n_actions):
+            field = "input_dim" if architecture.input_dim != obs_dim else "output_dim"
+            raise CheckpointError(
+                f"{path}: agent.architecture.{field}: a {architecture.input_dim}->{architecture.output_dim} "
+                f"network, task '{task}' has {obs_dim} observation features and {n_actions} actions"
+            )
         config = with_overrides(config, **dict(overrides or {}))
+        check_buffer_size(config.replay.local_buffer_size, architecture.input_dim, path)
         agent = LearningAgent(
             architecture.input_dim, architecture.output_dim, config=config, architecture=architecture
         )
@@ -883,10 +905,13 @@ class TrainingManager:
             # The run's own stages and thresholds, not today's params.yaml.
             try:
                 trainer_kwargs["curriculum"] = CurriculumManager.from_state(document["curriculum"])
-            except ValueError as exc:
-                raise CheckpointError(f"{path}: {exc}") from None
-        if "task_params" in document and not trainer_kwargs["use_curriculum"]:
-            trainer_kwargs.setdefault("task_params", TaskParameters.coerce(document["task_params"]))
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise CheckpointError(f"{path}: curriculum: {exc}") from None
+        if "task_params" in document and not trainer_kwargs["use_curriculum"] and "task_params" not in trainer_kwargs:
+            try:
+                trainer_kwargs["task_params"] = TaskParameters.coerce(document["task_params"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise CheckpointError(f"{path}: task_params: {exc}") from None
         if "meta" in document:
             trainer_kwargs.setdefault("use_meta_learning", True)
         trainer = cls(agent, task_type=task, **trainer_kwargs)
