@@ -42,6 +42,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-body-mb", type=float, default=defaults.max_body_bytes / 2**20)
     parser.add_argument("--default-capacity", type=int, default=defaults.default_capacity)
     parser.add_argument(
+        "--max-memory-mb",
+        type=float,
+        # A string default goes through ``type``: a bad MEMORY_MAX_MB is a usage error.
+        default=os.environ.get("MEMORY_MAX_MB") or str(defaults.max_memory_bytes // 2**20),
+        help="RAM all collections may reserve together, in MiB (env MEMORY_MAX_MB; default: half "
+        "the machine's, here %(default)s); a collection beyond it is refused with 507",
+    )
+    parser.add_argument(
         "--exact-max",
         type=int,
         default=defaults.exact_max,
@@ -68,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             log.error("%s (--token or MEMORY_TOKEN)", exc)
             return 2
+    if not args.max_memory_mb > 0:
+        log.error("--max-memory-mb (or MEMORY_MAX_MB) must be positive, got %s", args.max_memory_mb)
+        return 2
     if args.host not in LOOPBACK_HOSTS and not args.token:
         log.error(
             "refusing to bind %s without a token: pass --token or set MEMORY_TOKEN", args.host
@@ -78,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         token=args.token or None,
         max_body_bytes=int(args.max_body_mb * 2**20),
         default_capacity=args.default_capacity,
+        max_memory_bytes=int(args.max_memory_mb * 2**20),
         exact_max=args.exact_max,
         nprobe=args.nprobe,
         faiss_threads=args.faiss_threads,

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from memory import schemas, wire
-from memory.errors import Conflict, InvalidInput, NotFound
+from memory.errors import Conflict, InsufficientStorage, InvalidInput, NotFound
 from memory.service import MemoryService
 from memory.settings import Settings
 from memory.store import WriteKey
@@ -152,7 +152,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         400: "Malformed binary body.",
         401: "Missing or wrong bearer token.",
         404: "Unknown collection.",
-        409: "Conflicts with stored state (e.g. sampling an empty collection).",
+        409: "Conflicts with stored state (e.g. sampling an empty collection, or an "
+        "idempotency key that cannot be a retry).",
         413: "Body too large.",
         415: "Body is neither JSON nor binary.",
         422: "Invalid input: the message names the field and the rule.",
@@ -241,6 +242,7 @@ def _error_handlers() -> dict[int | type[Exception], ExceptionHandler]:
         PayloadTooLarge: answer(413),
         UnsupportedMediaType: answer(415),
         InvalidInput: answer(422),
+        InsufficientStorage: answer(507),
     }
 
 
@@ -283,7 +285,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     @v1.get("/stats", tags=["service"])
     async def stats() -> dict[str, Any]:
-        """Counters and sizes of the service and every collection."""
+        """Counters and sizes of the service and every collection; ``memory``: the budget, what
+        the collections reserve against it at full capacity, and what they hold now (bytes)."""
         return service().stats()
 
     @v1.get("/collections", response_model=schemas.CollectionList, tags=["collections"])
@@ -296,7 +299,12 @@ def create_app(settings: Settings) -> FastAPI:
         status_code=201,
         tags=["collections"],
         responses={
-            200: {"model": schemas.CollectionInfo, "description": "Exists with these settings."}
+            200: {"model": schemas.CollectionInfo, "description": "Exists with these settings."},
+            507: {
+                "model": schemas.Problem,
+                "description": "Refused: at full capacity the collection would take the service "
+                "beyond its memory budget (--max-memory-mb); GET /v1/stats shows what is reserved.",
+            },
         },
     )
     async def create_collection(body: schemas.CollectionCreate) -> JSONResponse:
@@ -327,9 +335,11 @@ def create_app(settings: Settings) -> FastAPI:
             str | None,
             Header(
                 pattern=IDEMPOTENCY_KEY,
-                description="'<client id>:<sequence number>': a retried "
-                "batch with a key already stored is acknowledged and not stored again. Sequence "
-                "numbers from one client must increase.",
+                description="'<client id>:<sequence number>', scoped per collection: the "
+                "sequence numbers one client sends to a collection must increase. The client's "
+                "latest key again (a batch re-sent after a lost answer) is acknowledged with "
+                "duplicate true and not stored again; a lower one, or the key the client last "
+                "used in another collection, cannot be a retry and is refused with 409.",
             ),
         ] = None,
     ) -> dict[str, Any]:

@@ -13,3 +13,7 @@ class NotFound(LookupError):
 
 class Conflict(RuntimeError):
     """A request that is well formed but clashes with the stored state (409)."""
+
+
+class InsufficientStorage(Exception):
+    """A collection that would take the service beyond its memory budget (507)."""

@@ -46,20 +46,34 @@ class Ring:
     def allocated(self) -> int:
         return len(self.actions)
 
-    def _allocate(self, rows: int) -> None:
-        """(Re)allocate every array with ``rows`` rows, keeping the stored ones."""
+    @staticmethod
+    def layout(dim: int, embedding_dim: int | None) -> dict[str, tuple[tuple[int, ...], type]]:
+        """Each array's shape after the row axis, and its dtype."""
         layout: dict[str, tuple[tuple[int, ...], type]] = {
-            "obs": ((self.dim,), np.float32),
-            "next_obs": ((self.dim,), np.float32),
+            "obs": ((dim,), np.float32),
+            "next_obs": ((dim,), np.float32),
             "actions": ((), np.int64),
             "rewards": ((), np.float32),
             "dones": ((), np.float32),
             "ids": ((), np.int64),
             "episode_returns": ((), np.float32),
         }
-        if self.embedding_dim:
-            layout["embeddings"] = ((self.embedding_dim,), np.float32)
-        else:
+        if embedding_dim:
+            layout["embeddings"] = ((embedding_dim,), np.float32)
+        return layout
+
+    @staticmethod
+    def row_bytes(dim: int, embedding_dim: int | None) -> int:
+        """Bytes one row takes in the ring's arrays."""
+        return sum(
+            int(np.prod(tail, dtype=np.int64)) * np.dtype(dtype).itemsize
+            for tail, dtype in Ring.layout(dim, embedding_dim).values()
+        )
+
+    def _allocate(self, rows: int) -> None:
+        """(Re)allocate every array with ``rows`` rows, keeping the stored ones."""
+        layout = self.layout(self.dim, self.embedding_dim)
+        if not self.embedding_dim:
             self.embeddings = None
         for name, (tail, dtype) in layout.items():
             new: np.ndarray = np.zeros((rows, *tail), dtype=dtype)

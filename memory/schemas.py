@@ -64,7 +64,8 @@ class TransitionBatch(_Body):
 class PriorityUpdate(_Body):
     ids: list[Int64] = Field(description="Ids from a sampled batch.")
     priorities: list[float] = Field(
-        description="New priorities (e.g. |TD error|), finite and >= 0."
+        description="New priorities (e.g. |TD error|), finite and >= 0; each is clipped to "
+        "[1e-6, 1e6] before the collection's alpha power."
     )
 
 

@@ -6,7 +6,10 @@ ring and the index, with nothing interleaved; only IVF builds run elsewhere (see
 
 Priorities for prioritized replay live in RAM only: they are a sampling heuristic that the
 learner refreshes all the time, so after a restart every stored row starts at the maximum
-priority, as a newly stored row does.
+priority, as a newly stored row does. A priority update is any finite value >= 0; it is clipped to
+[PRIORITY_MIN, PRIORITY_MAX] = [1e-6, 1e6] before the alpha power, so that every row keeps a
+chance to be drawn, the sum tree's total (at most capacity x 1e6) stays finite, and so do the
+importance weights served.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from memory.errors import Conflict, InvalidInput, NotFound
+from memory.errors import Conflict, InsufficientStorage, InvalidInput, NotFound
 from memory.index import SimilarityIndex
 from memory.ring import Ring
 from memory.settings import Settings
@@ -32,7 +35,26 @@ from memory.transitions import Transitions, float_matrix, validate_batch
 log = logging.getLogger(__name__)
 
 EVICTION = "fifo: once size reaches capacity, each new transition replaces the oldest one"
-_PRIORITY_EPS = 1e-6
+PRIORITY_MIN = 1e-6
+"""Smallest priority a row can have (a priority of 0 is stored as this)."""
+PRIORITY_MAX = 1e6
+"""Largest priority a row can have (bigger ones are clipped to this)."""
+
+
+def reserved_bytes(capacity: int, dim: int, embedding_dim: int | None, exact_max: int) -> int:
+    """RAM a collection holds once full, what the memory budget counts: its ring's arrays, the
+    sum tree over them, and, if it can outgrow the exact scan, the IVF index's copy of its search
+    vectors (4 bytes a value, 8 per id). Arrays grow lazily, but reserving the full size up front is
+    what lets the service refuse at create time rather than run out of memory later."""
+    leaves = 1 << max(capacity - 1, 0).bit_length()  # the sum tree's: a power of two
+    ring = capacity * Ring.row_bytes(dim, embedding_dim)
+    tree = 2 * leaves * np.dtype(np.float64).itemsize
+    index = capacity * (4 * (embedding_dim or dim) + 8) if capacity > exact_max else 0
+    return ring + tree + index
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:,.1f} MiB"
 
 
 @dataclass(frozen=True)
@@ -48,6 +70,9 @@ class Collection:
 
     def __init__(self, row: CollectionRow, settings: Settings, builder: ThreadPoolExecutor) -> None:
         self.row = row
+        self.reserved_bytes = reserved_bytes(
+            row.capacity, row.dim, row.embedding_dim, settings.exact_max
+        )
         self.ring = Ring(row.capacity, row.dim, row.embedding_dim, first_id=row.next_id)
         self.priorities = SumTree(self.ring.allocated)
         self.max_priority = 1.0
@@ -133,8 +158,7 @@ class Collection:
             targets = (strata + rng.random(rows)) * (total / batch_size)
             slots = self.priorities.find(targets, used=size)
             probabilities = self.priorities.get(slots) / total
-            raw = ((size * probabilities) ** -beta).reshape(batches, batch_size)
-            weights = (raw / raw.max(axis=1, keepdims=True)).astype(np.float32).reshape(rows)
+            weights = self._weights(size * probabilities, beta, batches)
         else:
             slots = rng.integers(0, size, rows)
             weights = np.ones(rows, dtype=np.float32)
@@ -182,10 +206,24 @@ class Collection:
         high_slot = np.where(second, runs[-1][1], runs[0][1]) - 1
         slots = np.clip(slots, low_slot, high_slot)  # rounding at a run's edge
         probabilities = self.priorities.get(slots) / total
-        raw = ((window * probabilities) ** -beta).reshape(batches, batch_size)
-        weights = (raw / raw.max(axis=1, keepdims=True)).astype(np.float32).reshape(rows)
+        weights = self._weights(window * probabilities, beta, batches)
         self.counters["sampled"] += batches
         return {**ring.gather(slots), "weights": weights}
+
+    def _weights(self, scaled: np.ndarray, beta: float, batches: int) -> np.ndarray:
+        """Importance weights (N * P(i)) ** -beta, normalised by each batch's largest.
+
+        Bounded priorities keep them finite; should they ever not be, the request fails (500)
+        rather than hand the learner a NaN it would train on silently.
+        """
+        raw = (scaled**-beta).reshape(batches, -1)
+        weights = (raw / raw.max(axis=1, keepdims=True)).astype(np.float32).reshape(-1)
+        if not np.isfinite(weights).all():
+            raise RuntimeError(
+                f"collection {self.name!r}: non-finite importance weights (sum-tree total "
+                f"{self.priorities.total!r}); refusing to serve them"
+            )
+        return weights
 
     def read(self, first_id: int, limit: int) -> dict[str, np.ndarray]:
         """Up to ``limit`` stored rows in id order from ``first_id`` (or the oldest stored)."""
@@ -195,7 +233,10 @@ class Collection:
         return self.ring.gather(self.ring.slots(ids))
 
     def update_priorities(self, ids: np.ndarray, priorities: np.ndarray) -> dict[str, int]:
-        """New priorities (e.g. |TD error|) by id; ids evicted since sampling are skipped."""
+        """New priorities (e.g. |TD error|) by id; ids evicted since sampling are skipped.
+
+        Each is clipped to [PRIORITY_MIN, PRIORITY_MAX] before the alpha power (see the module
+        docstring)."""
         if ids.ndim != 1 or priorities.ndim != 1 or len(ids) != len(priorities):
             raise InvalidInput(
                 f"ids and priorities must be 1-D and of equal length, got shapes "
@@ -214,7 +255,7 @@ class Collection:
             )
         ids = ids.astype(np.int64)
         live = self.ring.live(ids)
-        raw = priorities[live] + _PRIORITY_EPS
+        raw = np.clip(priorities[live], PRIORITY_MIN, PRIORITY_MAX)
         if len(raw):
             self.max_priority = max(self.max_priority, float(raw.max()))
             self.priorities.set(self.ring.slots(ids[live]), raw**self.row.priority_alpha)
@@ -241,6 +282,12 @@ class Collection:
             "query_index": query_index.astype(np.int64),
         }
 
+    @property
+    def allocated_bytes(self) -> int:
+        """What the ring and sum tree hold now (they grow towards ``reserved_bytes``)."""
+        arrays = [getattr(self.ring, name) for name in Ring.layout(1, self.row.embedding_dim)]
+        return sum(a.nbytes for a in arrays) + self.priorities.nbytes
+
     def describe(self) -> dict[str, Any]:
         self.index.poll(self.ring)
         return {
@@ -265,6 +312,8 @@ class Collection:
         return {
             **self.describe(),
             **self.counters,
+            "reserved_bytes": self.reserved_bytes,
+            "allocated_bytes": self.allocated_bytes,
             "max_priority": self.max_priority,
             "index": self.index.stats(),
         }
@@ -293,6 +342,18 @@ class MemoryService:
             settings.db_path,
             time.perf_counter() - started,
         )
+        if self.reserved_bytes > settings.max_memory_bytes:
+            log.warning(
+                "the stored collections reserve %s, beyond the memory budget of %s: "
+                "new collections will be refused until the budget is raised",
+                _mib(self.reserved_bytes),
+                _mib(settings.max_memory_bytes),
+            )
+
+    @property
+    def reserved_bytes(self) -> int:
+        """What all collections reserve together (see :func:`reserved_bytes`)."""
+        return sum(c.reserved_bytes for c in self.collections.values())
 
     def close(self) -> None:
         self._builder.shutdown(wait=False, cancel_futures=True)
@@ -338,6 +399,16 @@ class MemoryService:
                 f"this service already holds its limit of "
                 f"{self.settings.max_collections} collections"
             )
+        need = reserved_bytes(capacity, dim, embedding_dim, self.settings.exact_max)
+        used, budget = self.reserved_bytes, self.settings.max_memory_bytes
+        if used + need > budget:
+            raise InsufficientStorage(
+                f"collection {name!r} (capacity={capacity}, dim={dim}, "
+                f"embedding_dim={embedding_dim}) would reserve {_mib(need)} of RAM, but only "
+                f"{_mib(max(budget - used, 0))} of the service's memory budget of {_mib(budget)} "
+                f"is left ({len(self.collections)} collections reserve {_mib(used)}): ask for a "
+                "smaller capacity, or start the service with a larger --max-memory-mb"
+            )
         row = CollectionRow(name, dim, embedding_dim, capacity, priority_alpha, 0, time.time())
         self.log.create_collection(row)
         collection = Collection(row, self.settings, self._builder)
@@ -366,6 +437,12 @@ class MemoryService:
     def stats(self) -> dict[str, Any]:
         return {
             "uptime_seconds": round(time.time() - self.started_at, 3),
+            "memory": {
+                "budget_bytes": self.settings.max_memory_bytes,
+                "reserved_bytes": self.reserved_bytes,
+                "available_bytes": max(self.settings.max_memory_bytes - self.reserved_bytes, 0),
+                "allocated_bytes": sum(c.allocated_bytes for c in self.collections.values()),
+            },
             "collections": {name: c.stats() for name, c in self.collections.items()},
             "log": self.log.stats(),
         }

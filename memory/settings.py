@@ -2,10 +2,28 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def machine_memory_bytes() -> int:
+    """RAM this process may use: the machine's, or its cgroup's limit (a container) if lower."""
+    total = psutil.virtual_memory().total
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()  # cgroup v2
+    except OSError:
+        limit = "max"
+    return min(total, int(limit)) if limit.isdigit() else total
+
+
+def default_memory_budget() -> int:
+    """Half the machine's RAM: the rest is for the process itself, SQLite's page cache, the
+    answers being built, and an index's second copy while it is rebuilt."""
+    return machine_memory_bytes() // 2
 
 
 @dataclass(frozen=True)
@@ -32,6 +50,10 @@ class Settings:
     """Largest capacity a collection may ask for."""
     max_collections: int = 1_000
     """Collections one service keeps at most (each holds its own ring and index)."""
+    max_memory_bytes: int = field(default_factory=default_memory_budget)
+    """RAM all collections may reserve together: each reserves what its ring, sum tree and index
+    hold at full capacity (:func:`memory.service.reserved_bytes`), and a create that would go
+    beyond the budget is refused with 507. Default: half the machine's RAM."""
     exact_max: int = 100_000
     """Stored states up to which search scans exactly; faiss IVF beyond."""
     nprobe: int = 16

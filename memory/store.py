@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from memory.errors import Conflict
 from memory.transitions import Transitions
 
 SCHEMA = """
@@ -47,13 +48,17 @@ CREATE TABLE IF NOT EXISTS segments (
     episode_returns BLOB,
     PRIMARY KEY (collection, first_id)
 );
+"""
+# The latest idempotency key of each writer in each collection (see WriteKey).
+WRITERS = """
 CREATE TABLE IF NOT EXISTS writers (
-    client_id TEXT PRIMARY KEY,
-    seq INTEGER NOT NULL,
+    client_id TEXT NOT NULL,
     collection TEXT NOT NULL,
+    seq INTEGER NOT NULL,
     first_id INTEGER NOT NULL,
-    count INTEGER NOT NULL
-);
+    count INTEGER NOT NULL,
+    PRIMARY KEY (client_id, collection)
+)
 """
 
 
@@ -70,7 +75,14 @@ class CollectionRow:
 
 @dataclass(frozen=True)
 class WriteKey:
-    """An idempotency key: sequence numbers from one client increase with every batch it sends."""
+    """An idempotency key, scoped per collection: the sequence numbers one client sends to one
+    collection increase with every batch.
+
+    The log keeps each (client, collection)'s latest key. That key again, to the same collection,
+    is a retry of a batch whose answer was lost: acknowledged as a duplicate, not stored again. A
+    lower one, or the key a client last used in another collection, cannot be a retry (a client
+    re-sends its latest batch until it is acknowledged): refused (409), never dropped silently.
+    """
 
     client_id: str
     seq: int
@@ -81,8 +93,8 @@ class PreviousWrite:
     """What a key already stored: a retried batch is answered with this instead of stored again."""
 
     collection: str
-    first_id: int | None  # None when the key is older than the client's latest batch
-    count: int | None
+    first_id: int
+    count: int
 
 
 class Log:
@@ -100,9 +112,31 @@ class Log:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        self._db.execute(WRITERS)
+        self._scope_writers_per_collection()
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(segments)")}
         if "episode_returns" not in columns:  # a data directory from before the column existed
             self._db.execute("ALTER TABLE segments ADD COLUMN episode_returns BLOB")
+
+    def _scope_writers_per_collection(self) -> None:
+        """A data directory from before keys were scoped per collection had one ``writers`` row
+        per client (keyed by client id alone): move those rows to the (client, collection) table."""
+        keys = [row[1] for row in self._db.execute("PRAGMA table_info(writers)") if row[5] > 0]
+        if keys != ["client_id"]:
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("ALTER TABLE writers RENAME TO writers_per_client")
+            self._db.execute(WRITERS)
+            self._db.execute(
+                "INSERT INTO writers (client_id, collection, seq, first_id, count)"
+                " SELECT client_id, collection, seq, first_id, count FROM writers_per_client"
+            )
+            self._db.execute("DROP TABLE writers_per_client")
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         with self._lock:
@@ -146,23 +180,17 @@ class Log:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 if key is not None:
-                    seen = self._db.execute(
-                        "SELECT seq, collection, first_id, count FROM writers WHERE client_id = ?",
-                        (key.client_id,),
-                    ).fetchone()
-                    if seen is not None and key.seq <= seen[0]:
+                    previous = self._previous_write(key, collection)
+                    if previous is not None:
                         self._db.execute("ROLLBACK")
-                        return (
-                            PreviousWrite(*seen[1:])
-                            if key.seq == seen[0]
-                            else PreviousWrite(seen[1], None, None)
-                        )
+                        return previous
                     self._db.execute(
-                        "INSERT INTO writers VALUES (?, ?, ?, ?, ?)"
-                        " ON CONFLICT(client_id) DO UPDATE"
-                        " SET seq = excluded.seq, collection = excluded.collection,"
-                        " first_id = excluded.first_id, count = excluded.count",
-                        (key.client_id, key.seq, collection, first_id, batch.rows),
+                        "INSERT INTO writers (client_id, collection, seq, first_id, count)"
+                        " VALUES (?, ?, ?, ?, ?)"
+                        " ON CONFLICT(client_id, collection) DO UPDATE"
+                        " SET seq = excluded.seq, first_id = excluded.first_id,"
+                        " count = excluded.count",
+                        (key.client_id, collection, key.seq, first_id, batch.rows),
                     )
                 self._db.execute(
                     "INSERT INTO segments VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -194,6 +222,35 @@ class Log:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+        return None
+
+    def _previous_write(self, key: WriteKey, collection: str) -> PreviousWrite | None:
+        """What ``key`` stored in ``collection`` if it is a retry; None if it is new; Conflict
+        (rolled back by the caller) if it cannot be either. Runs inside the batch's transaction."""
+        latest = {
+            name: (seq, first_id, count)
+            for name, seq, first_id, count in self._db.execute(
+                "SELECT collection, seq, first_id, count FROM writers WHERE client_id = ?",
+                (key.client_id,),
+            )
+        }
+        here = latest.get(collection)
+        if here is not None and key.seq == here[0]:
+            return PreviousWrite(collection, here[1], here[2])
+        if here is not None and key.seq < here[0]:
+            raise Conflict(
+                f"idempotency key {key.client_id}:{key.seq}: client {key.client_id!r} already "
+                f"stored sequence number {here[0]} in collection {collection!r}; a lower one "
+                "cannot be a retry (a retry re-sends the latest batch). Nothing stored: use a new "
+                "client id for a new writer, or continue its sequence"
+            )
+        elsewhere = sorted(name for name, seen in latest.items() if seen[0] == key.seq)
+        if elsewhere:  # not this collection: its latest sequence number is lower
+            raise Conflict(
+                f"idempotency key {key.client_id}:{key.seq} already stored a batch in collection "
+                f"{elsewhere[0]!r}, so it cannot be a retry of a batch for {collection!r}. Nothing "
+                "stored: give every batch its own key"
+            )
         return None
 
     def segments(self, row: CollectionRow) -> Iterator[tuple[int, Transitions]]:

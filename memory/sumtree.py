@@ -3,6 +3,9 @@
 Prioritized replay (Schaul et al. 2016) samples slot i with probability p_i / sum(p). A flat
 cumulative sum would cost O(n) per batch at a million slots; the tree keeps every partial sum, so
 a batch of B draws walks B paths of depth log2(n) at once.
+
+Leaves must be finite and >= 0 (the service bounds priorities before they get here), so that
+every partial sum, and the total, stays finite.
 """
 
 from __future__ import annotations
@@ -20,6 +23,10 @@ class SumTree:
         self.size = size
         # Node 1 is the root; node i has children 2i and 2i+1; leaves start at self._leaves.
         self._tree = np.zeros(2 * self._leaves, dtype=np.float64)
+
+    @property
+    def nbytes(self) -> int:
+        return self._tree.nbytes
 
     @property
     def total(self) -> float:
@@ -41,6 +48,7 @@ class SumTree:
         slots = np.asarray(slots, dtype=np.int64)
         if len(slots) == 0:
             return
+        values = self._checked(values)
         if slots[-1] - slots[0] == len(slots) - 1 and (
             len(slots) == 1 or (np.diff(slots) == 1).all()
         ):
@@ -54,6 +62,13 @@ class SumTree:
             nodes = nodes // 2
             nodes = nodes[np.concatenate(([True], nodes[1:] != nodes[:-1]))]
             self._tree[nodes] = self._tree[2 * nodes] + self._tree[2 * nodes + 1]
+
+    @staticmethod
+    def _checked(values: np.ndarray) -> np.ndarray:
+        values = np.asarray(values, dtype=np.float64)
+        if not (np.isfinite(values).all() and (values >= 0).all()):
+            raise ValueError("sum-tree leaves must be finite and >= 0")
+        return values
 
     def _set_range(self, start: int, values: np.ndarray) -> None:
         """Contiguous leaves (a stored batch): each level of ancestors is one slice."""

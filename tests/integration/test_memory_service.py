@@ -293,8 +293,12 @@ def test_idempotency_keys_store_a_batch_once(http: httpx.Client) -> None:
     retry = store(http, "idem", transitions(5, 2), key="writer-1:0")
     assert retry == {**first, "duplicate": True}
     assert store(http, "idem", transitions(5, 2, seed=1), key="writer-1:1")["first_id"] == 5
-    older = store(http, "idem", transitions(5, 2), key="writer-1:0")
-    assert older["duplicate"] is True
+    older = http.post(  # not a retry (that re-sends the latest batch): refused, not dropped
+        "/v1/collections/idem/transitions",
+        content=wire.encode(transitions(5, 2)),
+        headers={**BINARY, "idempotency-key": "writer-1:0"},
+    )
+    assert older.status_code == 409 and "cannot be a retry" in older.json()["detail"]
     assert store(http, "idem", transitions(5, 2), key="writer-2:0")["duplicate"] is False
     assert describe(http, "idem")["size"] == 15
 

@@ -70,8 +70,9 @@ def test_idempotency_keys_are_remembered_across_restarts(service: MemoryService)
         again = reloaded.store("k", arrays(4), WriteKey("c1", 0))
         assert (again.first_id, again.count, again.duplicate) == (0, 4, True)
         assert reloaded.store("k", arrays(4), WriteKey("c1", 1)).first_id == 4
-        older = reloaded.store("k", arrays(4), WriteKey("c1", 0))
-        assert older.duplicate and older.first_id is None
+        # A lower key cannot be a retry (a retry re-sends the latest batch): refused, not dropped.
+        with pytest.raises(Conflict, match="cannot be a retry"):
+            reloaded.store("k", arrays(4), WriteKey("c1", 0))
         assert reloaded.get("k").ring.size == 8
     finally:
         reloaded.close()
