@@ -2,7 +2,8 @@
 
 The trainer steps N copies of an environment as one batch. For an env id this is Gymnasium's own
 vector form when the env ships one (CartPole does: one numpy call steps every copy), else
-``SyncVectorEnv``. Only Box observations and Discrete actions fit a DQN; anything else is refused
+``SyncVectorEnv``. Discrete actions fit a DQN; observations reach it as one flat vector (Discrete
+ones one-hot, Dict and Tuple ones flattened). Anything else (images, continuous actions) is refused
 with a clear error at construction time, not deep inside training.
 
 Exact resume needs the environments' state too (positions, step counters, RNGs). Gymnasium has no
@@ -57,15 +58,60 @@ def make_gym_vector_env(
     if spec.vector_entry_point is not None and num_envs >= _MIN_COPIES_FOR_VECTOR_FORM:
         envs = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="vector_entry_point", **kwargs)
     else:
-        envs = gym.make_vec(
-            env_id,
-            num_envs=num_envs,
-            vectorization_mode="sync",
-            vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP},
-            **kwargs,
-        )
+        envs = _sync_vector_env(env_id, num_envs, kwargs)
+    if _needs_flattening(envs.single_observation_space, env_id):
+        envs.close()
+        envs = _sync_vector_env(env_id, num_envs, kwargs, wrappers=[gym.wrappers.FlattenObservation])
     check_dqn_compatible(envs, env_id)
     return envs
+
+
+def _sync_vector_env(
+    env_id: str, num_envs: int, kwargs: dict[str, Any], wrappers: list[Any] | None = None
+) -> gym.vector.VectorEnv:
+    return gym.make_vec(
+        env_id,
+        num_envs=num_envs,
+        vectorization_mode="sync",
+        vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP},
+        wrappers=wrappers,
+        **kwargs,
+    )
+
+
+def _is_image(space: gym.Space[Any]) -> bool:
+    """Pixels (H x W x C, or a 2-D uint8 frame): they need a convolutional network."""
+    return isinstance(space, gym.spaces.Box) and (
+        len(space.shape) == 3 or (len(space.shape) == 2 and space.dtype == np.uint8)
+    )
+
+
+def _needs_flattening(space: gym.Space[Any], name: str) -> bool:
+    """Whether the observations reach the network through ``FlattenObservation``: a Discrete
+    observation becomes a one-hot vector (Taxi, FrozenLake, CliffWalking), Dict, Tuple,
+    MultiDiscrete and multi-dimensional Box observations one flat vector."""
+    if isinstance(space, gym.spaces.Box) and len(space.shape) == 1:
+        return False
+    if _is_image(space) or any(_is_image(s) for s in _subspaces(space)):
+        raise UnsupportedEnvironmentError(
+            f"{name}: image observations ({space}) need a convolutional network, which this agent "
+            "does not have yet: use an env with vector observations"
+        )
+    try:
+        gym.spaces.flatten_space(space)
+    except NotImplementedError:
+        raise UnsupportedEnvironmentError(
+            f"{name}: observations of type {type(space).__name__} cannot be flattened into a vector"
+        ) from None
+    return True
+
+
+def _subspaces(space: gym.Space[Any]) -> list[gym.Space[Any]]:
+    if isinstance(space, gym.spaces.Dict):
+        return [s for sub in space.spaces.values() for s in [sub, *_subspaces(sub)]]
+    if isinstance(space, gym.spaces.Tuple):
+        return [s for sub in space.spaces for s in [sub, *_subspaces(sub)]]
+    return []
 
 
 def check_dqn_compatible(envs: gym.vector.VectorEnv, name: str) -> None:
@@ -103,6 +149,9 @@ def _encode(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         if value.dtype == object:
             raise _NotPlain
+        if value.dtype.kind in "SU":  # text arrays (FrozenLake's map): their bytes, as torch has no such dtype
+            raw = np.ascontiguousarray(value).reshape(-1).view(np.uint8).copy()
+            return {"__textarray__": torch.from_numpy(raw), "dtype": value.dtype.str, "shape": list(value.shape)}
         return {"__ndarray__": torch.from_numpy(np.ascontiguousarray(value).copy())}
     if isinstance(value, (list, tuple)):
         items = [_encode(v) for v in value]
@@ -119,6 +168,9 @@ def _decode(value: Any) -> Any:
         return value
     if "__ndarray__" in value:
         return value["__ndarray__"].numpy().copy()
+    if "__textarray__" in value:
+        raw = value["__textarray__"].numpy()
+        return raw.view(np.dtype(value["dtype"])).reshape(value["shape"]).copy()
     if "__tuple__" in value:
         return tuple(_decode(v) for v in value["__tuple__"])
     if "__dict__" in value:
