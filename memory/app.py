@@ -22,6 +22,8 @@ from fastapi import APIRouter, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from memory import schemas, wire
@@ -122,6 +124,17 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
+BINARY_BODY = {
+    "type": "string",
+    "format": "binary",
+    # The prefix alone is 8 bytes: a shorter body (an empty one too) is malformed, a 400.
+    "minLength": wire.PREFIX_BYTES,
+    "description": "The binary format of memory/wire.py: b'MWB1', a uint32 header length, a JSON "
+    "header of array names, dtypes and shapes, then the arrays. Bytes that do not follow it are "
+    "refused with 400; arrays that do, but break the rules of the JSON body, with 422.",
+}
+
+
 def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
     """OpenAPI requestBody for a route that takes either JSON (this model) or the binary format."""
     return {
@@ -129,7 +142,7 @@ def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
             "required": True,
             "content": {
                 JSON: {"schema": model.model_json_schema()},
-                wire.CONTENT_TYPE: {"schema": {"type": "string", "format": "binary"}},
+                wire.CONTENT_TYPE: {"schema": BINARY_BODY},
             },
         }
     }
@@ -234,7 +247,26 @@ def _error_handlers() -> dict[int | type[Exception], ExceptionHandler]:
         ]
         return JSONResponse({"detail": errors}, status_code=422)
 
+    async def http_error(request: Request, exc: Exception) -> Response:
+        """Starlette's errors (404 no such route, 405 method not allowed) as JSON; a 405 lists in
+        ``Allow`` every method of the path (RFC 9110), not only those of the first route that
+        matched it (``/transitions`` has GET and POST)."""
+        assert isinstance(exc, HTTPException)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # From the schema: routers included in the app are not plain routes to ask.
+            methods = {
+                method.upper()
+                for template, operations in request.app.openapi()["paths"].items()
+                if compile_path(template)[0].match(request.url.path)
+                for method in operations
+            }
+            if methods:
+                headers["Allow"] = ", ".join(sorted(methods))
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
+
     return {
+        HTTPException: http_error,
         RequestValidationError: invalid_request,
         wire.WireError: answer(400),
         NotFound: answer(404),
@@ -331,8 +363,8 @@ def create_app(settings: Settings) -> FastAPI:
     async def store_transitions(
         name: Name,
         request: Request,
-        idempotency_key: Annotated[
-            str | None,
+        idempotency_key: Annotated[  # str, not str | None: the schema must not offer null
+            str,
             Header(
                 pattern=IDEMPOTENCY_KEY,
                 description="'<client id>:<sequence number>', scoped per collection: the "
@@ -341,7 +373,7 @@ def create_app(settings: Settings) -> FastAPI:
                 "duplicate true and not stored again; a lower one, or the key the client last "
                 "used in another collection, cannot be a retry and is refused with 409.",
             ),
-        ] = None,
+        ] = None,  # type: ignore[assignment]
     ) -> dict[str, Any]:
         """Store a batch durably (one SQLite transaction) before answering."""
         svc = service()
@@ -398,17 +430,17 @@ def create_app(settings: Settings) -> FastAPI:
                 "(batch_size * batches rows), to prefetch several at once.",
             ),
         ] = 1,
-        seed: Annotated[
-            int | None,
+        seed: Annotated[  # int, not int | None: the schema must not offer null
+            int,
             Query(
                 ge=0,
                 le=2**63 - 1,
                 description="Seed of this request's draws (default: the service's own generator). "
                 "With end_id, the same request always answers the same rows.",
             ),
-        ] = None,
-        end_id: Annotated[
-            int | None,
+        ] = None,  # type: ignore[assignment]
+        end_id: Annotated[  # int, not int | None: the schema must not offer null
+            int,
             Query(
                 ge=1,
                 le=2**62,
@@ -416,7 +448,7 @@ def create_app(settings: Settings) -> FastAPI:
                 "next_id when the caller asked), so that rows stored since cannot change the "
                 "answer; 409 if it is beyond the ids stored so far.",
             ),
-        ] = None,
+        ] = None,  # type: ignore[assignment]
     ) -> Response:
         """Replay batches, drawn with replacement (uniformly, or in proportion to priority)."""
         if batch_size * batches > settings.max_sample:

@@ -8,11 +8,28 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 
 from memory.wire import COLLECTION_NAME, COLLECTION_NAME_RULE
 
-Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+
+def _number(value: Any) -> Any:
+    """JSON numbers only: pydantic's lax mode would take ``true`` or ``"2"`` for a number, which
+    the schema (type number/integer) refuses; 2.0 for an integer stays fine, as in JSON Schema."""
+    if isinstance(value, bool | str):
+        raise ValueError("must be a JSON number")
+    return value
+
+
+# Bounds go before the validator, so that OpenAPI gets them as minimum/maximum.
+NUMBER = BeforeValidator(_number)
+Float = Annotated[float, NUMBER]
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1), NUMBER]
+Id = Annotated[int, Field(ge=0, le=2**63 - 1), NUMBER]
+Priority = Annotated[float, Field(ge=0), NUMBER]
+Size = Annotated[int, Field(ge=1, le=4096), NUMBER]
+Row = Annotated[list[Float], Field(min_length=1)]
+"""One state (D >= 1 values); D itself is the collection's, which a static schema cannot say."""
 CollectionName = Annotated[
     str, Field(pattern=COLLECTION_NAME, description=COLLECTION_NAME_RULE)
 ]
@@ -24,37 +41,35 @@ class _Body(BaseModel):
 
 class CollectionCreate(_Body):
     name: CollectionName
-    dim: int = Field(ge=1, le=4096, description="Observation size D.")
-    capacity: int | None = Field(
+    dim: Size = Field(description="Observation size D.")
+    capacity: Annotated[int, Field(ge=1, le=100_000_000), NUMBER] | None = Field(
         default=None,
-        ge=1,
-        le=100_000_000,
         description="Transitions kept; the oldest are evicted first beyond it "
         "(server default if omitted).",
     )
-    embedding_dim: int | None = Field(
+    embedding_dim: Size | None = Field(
         default=None,
-        ge=1,
-        le=4096,
         description="If set, every stored row carries an embedding of this size, and search "
         "compares embeddings instead of observations.",
     )
-    priority_alpha: float = Field(
+    priority_alpha: Float = Field(
         default=0.6, ge=0.0, le=1.0, description="Prioritization exponent."
     )
 
 
 class TransitionBatch(_Body):
-    obs: list[list[float]] = Field(description="[B, D] observations.")
-    actions: list[Int64] = Field(description="[B] discrete actions.")
-    rewards: list[float] = Field(description="[B] rewards.")
-    next_obs: list[list[float]] = Field(description="[B, D] next observations.")
-    dones: list[bool | float] = Field(description="[B] terminated flags: true/false or 1/0.")
-    embeddings: list[list[float]] | None = Field(
+    obs: list[Row] = Field(min_length=1, description="[B, D] observations, B >= 1.")
+    actions: list[Int64] = Field(min_length=1, description="[B] discrete actions.")
+    rewards: list[Float] = Field(min_length=1, description="[B] rewards.")
+    next_obs: list[Row] = Field(min_length=1, description="[B, D] next observations.")
+    dones: list[StrictBool | Float] = Field(
+        min_length=1, description="[B] terminated flags: true/false or 1/0."
+    )
+    embeddings: Annotated[list[Row], Field(min_length=1)] | None = Field(
         default=None,
         description="[B, E] search vectors, for collections created with embedding_dim.",
     )
-    episode_returns: list[float] | None = Field(
+    episode_returns: list[Float] | None = Field(
         default=None,
         description="[B] optional: the return of the episode each row belongs to, so that a "
         "search can prefer neighbours from successful episodes (omitted: unknown).",
@@ -62,16 +77,16 @@ class TransitionBatch(_Body):
 
 
 class PriorityUpdate(_Body):
-    ids: list[Int64] = Field(description="Ids from a sampled batch.")
-    priorities: list[float] = Field(
+    ids: list[Id] = Field(description="Ids from a sampled batch.")
+    priorities: list[Priority] = Field(
         description="New priorities (e.g. |TD error|), finite and >= 0; each is clipped to "
         "[1e-6, 1e6] before the collection's alpha power."
     )
 
 
 class SearchQuery(_Body):
-    states: list[list[float]] | list[float] = Field(
-        description="[Q, D] query states, or one state [D]."
+    states: Annotated[list[Row], Field(min_length=1)] | Row = Field(
+        description="[Q, D] query states (Q >= 1), or one state [D]."
     )
 
 

@@ -242,6 +242,8 @@ class Collection:
                 f"ids and priorities must be 1-D and of equal length, got shapes "
                 f"{list(ids.shape)} and {list(priorities.shape)}"
             )
+        if len(ids) == 0:  # nothing to update (JSON's [] has no integer dtype to check)
+            return {"updated": 0, "evicted": 0}
         if ids.dtype.kind not in "iu":
             raise InvalidInput(f"ids: dtype must be an integer type, got {ids.dtype}")
         if priorities.dtype.kind != "f":

@@ -35,6 +35,8 @@ def is_collection_name(name: object) -> bool:
 CONTENT_TYPE = "application/octet-stream"
 MAGIC = b"MWB1"
 _PREFIX = struct.Struct("<4sI")
+PREFIX_BYTES = _PREFIX.size
+"""The shortest possible body: magic and header length."""
 _ALIGN = 8
 MAX_HEADER_BYTES = 64 * 1024
 MAX_ARRAYS = 32
