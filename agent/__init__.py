@@ -36,7 +36,7 @@ from agent.tasks import (
     TaskType,
     create_task,
 )
-from agent.training import TrainingManager
+from agent.manager import TrainingManager
 
 __all__ = [
     "ActionBounds",

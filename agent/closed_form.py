@@ -8,7 +8,7 @@ per-sample TD loss and the gradients directly, under ``no_grad``: the same arith
 half the time per update.
 
 Only plain MLPs take this path (no dueling head, no dropout, an activation whose derivative is
-read off its output); anything else goes through autograd in ``LearningAgent._gradient_step``.
+read off its output); anything else goes through autograd in ``agent.learner.Learner``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from agent.network import LearningNetwork
+from agent.network import TORCH_LINEAR, Layer, LearningNetwork, q_forward
 from agent.replay import Transitions
 
 _aten = torch.ops.aten
@@ -28,11 +28,9 @@ _ACTIVATIONS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[
     "tanh": (torch.tanh, lambda grad, out: _aten.tanh_backward(grad, out)),
 }
 
-Layer = tuple[torch.Tensor, torch.Tensor]  # (weight [out, in], bias [out])
-
 
 def _layers(network: LearningNetwork) -> list[Layer]:
-    return [(m.weight, m.bias) for m in network._hidden] + [(network.head.weight, network.head.bias)]
+    return network.hidden_layers() + network.head_layers()
 
 
 class ClosedFormTD:
@@ -58,12 +56,7 @@ class ClosedFormTD:
         return not arch.dueling and arch.dropout == 0 and arch.activation in _ACTIVATIONS
 
     def _forward(self, layers: list[Layer], x: torch.Tensor, keep: list[torch.Tensor] | None = None) -> torch.Tensor:
-        for weight, bias in layers[:-1]:
-            x = self._activation(torch.addmm(bias, x, weight.t()))
-            if keep is not None:
-                keep.append(x)
-        weight, bias = layers[-1]
-        return torch.addmm(bias, x, weight.t())
+        return q_forward(layers[:-1], layers[-1:], x, TORCH_LINEAR, self._activation, keep=keep)
 
     @torch.no_grad()
     def step(

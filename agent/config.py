@@ -12,11 +12,18 @@ so there is exactly one place to change a default. Layers are applied in order:
 4. keyword arguments of the Python API (applied by the caller with :func:`with_overrides`).
 
 Unknown keys and wrong types are errors that name the file and the dotted key.
+
+The result is one frozen :class:`Config` holding every section a run uses (the task world's
+``rewards``, ``tasks`` and ``curriculum`` and meta-learning's ``meta`` included, their models in
+:mod:`agent.config_sections`), built at the edge and passed down; library code given no config
+falls back to :func:`default_config`, and no library module reads params.yaml itself.
 """
 
 from __future__ import annotations
 
 import difflib
+import fnmatch
+import functools
 import os
 import re
 import time
@@ -26,8 +33,20 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
+from agent.config_sections import (  # noqa: F401 - re-exported: agent.config holds every section
+    CurriculumSection,
+    ExplorationSection,
+    ManipulationSection,
+    MetaConfig,
+    MultiAgentSection,
+    NavigationSection,
+    RewardSection,
+    Section,
+    StageSection,
+    TasksSection,
+)
 from memory import wire  # the collection-name rule the service applies
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -43,13 +62,7 @@ class ConfigError(ValueError):
     """A configuration file or override is unreadable, unknown or ill-typed."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid", frozen=True, use_attribute_docstrings=True, validate_default=True
-    )
-
-
-class RunConfig(_Section):
+class RunConfig(Section):
     seed: int = Field(ge=0)
     """Seeds torch, numpy, the replay sampler and the environments: one seed, one run (on CPU)."""
     device: str
@@ -58,7 +71,7 @@ class RunConfig(_Section):
     """Intra-op threads; 1 is fastest for small MLPs on shared cores, 0 leaves torch's default."""
 
 
-class NetworkConfig(_Section):
+class NetworkConfig(Section):
     hidden_size: int = Field(ge=1)
     """Units per hidden layer (the spec's default is 256)."""
     num_hidden_layers: int = Field(ge=1, le=16)
@@ -73,7 +86,7 @@ class NetworkConfig(_Section):
     """Split the head into state-value and advantage streams (Wang et al. 2016)."""
 
 
-class ReplayConfig(_Section):
+class ReplayConfig(Section):
     local_buffer_size: int = Field(ge=1)
     """Capacity of the local circular buffer, in transitions."""
     memory_batch_size: int = Field(ge=0)
@@ -99,7 +112,7 @@ class ReplayConfig(_Section):
     episodes still running when training stops are stored untagged."""
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     task: str
     """A task type (navigation, exploration, multi_agent, manipulation) or a Gymnasium env id."""
     use_curriculum: bool
@@ -169,7 +182,7 @@ class TrainConfig(_Section):
     """The weights a run ends with: the last ones, or those of the best evaluation during training."""
 
 
-class EvaluateConfig(_Section):
+class EvaluateConfig(Section):
     episodes: int = Field(ge=1)
     """Greedy evaluation episodes."""
     num_envs: int = Field(ge=1)
@@ -181,7 +194,7 @@ class EvaluateConfig(_Section):
     stuck repeating a blocked move; 0 is purely greedy."""
 
 
-class MemoryConfig(_Section):
+class MemoryConfig(Section):
     enabled: bool
     """Use the Memory service (store, replay, similar-state search) during training."""
     base_url: str
@@ -228,8 +241,13 @@ class MemoryConfig(_Section):
         return value
 
 
-class Config(_Section):
-    """The whole configuration, one field per ``params.yaml`` section."""
+class Config(Section):
+    """The whole resolved configuration, one field per ``params.yaml`` section a run uses.
+
+    Built once at the edge (:func:`load_config`, :func:`config_from_dict`; :func:`default_config`
+    for a library call given none) and passed down: the task world reads ``rewards``, ``tasks``
+    and ``curriculum`` from it, meta-learning ``meta``. Saved whole with every run.
+    """
 
     run: RunConfig
     network: NetworkConfig
@@ -237,19 +255,31 @@ class Config(_Section):
     train: TrainConfig
     evaluate: EvaluateConfig
     memory: MemoryConfig
+    meta: MetaConfig
+    rewards: RewardSection
+    curriculum: CurriculumSection
+    tasks: TasksSection
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
 
-# Sections other modules own (tasks, meta-learning, pipeline) are registered here so that one
-# params.yaml validates as a whole; see :func:`register_section`.
+# Sections the pipeline edge (flows/) owns are registered here so that one params.yaml validates
+# as a whole; see :func:`register_section`. Sections of :class:`Config` are validated as its fields.
 _EXTRA_SECTIONS: dict[str, type[BaseModel]] = {}
 
 
 def register_section(name: str, model: type[BaseModel]) -> None:
-    """Let another module own a params.yaml section (validated with ``model``)."""
-    _EXTRA_SECTIONS[name] = model
+    """Let another module own a params.yaml section (validated with ``model``).
+
+    A section :class:`Config` holds is validated as part of it; registering it again is a no-op."""
+    if name not in Config.model_fields:
+        _EXTRA_SECTIONS[name] = model
+
+
+# Mappings whose keys are open (any metric name), even where a profile or a loaded config has
+# filled some: an empty mapping in the defaults is open too (see _check_keys).
+OPEN_MAPPINGS = ("curriculum.stages.*.completion_criteria",)
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -341,8 +371,12 @@ def _check_keys(update: Mapping[str, Any], known: Mapping[str, Any], source: str
                 f"not a {type(value).__name__}"
             )
         # An empty mapping in the defaults (a stage's completion_criteria) is open: any key goes.
-        if isinstance(value, Mapping) and isinstance(known[key], Mapping) and known[key]:
+        if isinstance(value, Mapping) and isinstance(known[key], Mapping) and known[key] and not _is_open(dotted):
             _check_keys(value, known[key], source, dotted + ".")
+
+
+def _is_open(dotted: str) -> bool:
+    return any(fnmatch.fnmatchcase(dotted, pattern) for pattern in OPEN_MAPPINGS)
 
 
 def parse_override(text: str) -> dict[str, Any]:
@@ -462,7 +496,8 @@ def collect_overrides(
     return named
 
 
-def _format_validation_error(exc: ValidationError, source: str, prefix: str | None = None) -> str:
+def format_validation_error(exc: ValidationError, source: str, prefix: str | None = None) -> str:
+    """One line for a pydantic error: where, what, the value given, and how many more there are."""
     first = exc.errors()[0]
     where = ".".join(str(p) for p in ([prefix] if prefix else []) + list(first["loc"]))
     more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
@@ -481,14 +516,42 @@ def load_config(
     try:
         config = Config.model_validate(core)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, "configuration")) from None
+        raise ConfigError(format_validation_error(exc, "configuration")) from None
     for name, model in _EXTRA_SECTIONS.items():
         if name in data:
             try:
                 model.model_validate(data[name])
-            except ValidationError as exc:  # name the section: "configuration: meta.pruner: ..."
-                raise ConfigError(_format_validation_error(exc, "configuration", prefix=name)) from None
+            except ValidationError as exc:  # name the section: "configuration: pipeline.task: ..."
+                raise ConfigError(format_validation_error(exc, "configuration", prefix=name)) from None
     return config
+
+
+def _params_stamp() -> tuple[str, int | None, int | None]:
+    """The default params file and its modification time and size: a cache key that changes
+    when the file (or ``$LAGENT_PARAMS``) does."""
+    path = default_params_path()
+    try:
+        stat = path.stat()
+    except OSError:
+        return str(path), None, None
+    return str(path), stat.st_mtime_ns, stat.st_size
+
+
+@functools.lru_cache(maxsize=16)
+def _default_config(stamp: tuple[str, int | None, int | None], task: str | None) -> Config:
+    return load_config(overrides=[{"train": {"task": task}}] if task is not None else ())
+
+
+def default_config(task: str | None = None) -> Config:
+    """The configuration ``params.yaml`` alone gives (no files, no overrides): the one fallback
+    of a library call that was given no config. With ``task``, as loaded for that task (its
+    ``profiles`` entry applied, ``train.task`` set to it), as ``lagent train --task`` would.
+
+    Cached per params file and its modification time: environments are rebuilt at every
+    curriculum stage, and re-reading YAML each time would be wasted work. Code that has a
+    resolved config passes it down instead of calling this.
+    """
+    return _default_config(_params_stamp(), None if task is None else str(task))
 
 
 def load_section(name: str, model: type[BaseModel], data: Mapping[str, Any]) -> BaseModel:
@@ -498,7 +561,7 @@ def load_section(name: str, model: type[BaseModel], data: Mapping[str, Any]) -> 
     except KeyError:
         raise ConfigError(f"params have no '{name}' section") from None
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, f"section '{name}'")) from None
+        raise ConfigError(format_validation_error(exc, f"section '{name}'")) from None
 
 
 def with_overrides(config: Config, **sections: Mapping[str, Any] | None) -> Config:
@@ -509,7 +572,32 @@ def with_overrides(config: Config, **sections: Mapping[str, Any] | None) -> Conf
     try:
         return Config.model_validate(_deep_merge(data, update))
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, "keyword arguments")) from None
+        raise ConfigError(format_validation_error(exc, "keyword arguments")) from None
+
+
+_ABSENT = object()
+
+
+def _retarget(value: Any, old: Any, new: Any) -> Any:
+    """``value`` (loaded for one task, perhaps changed since) as loaded for another: where it
+    equals what loading for the old task gives (``old``) it takes the new task's (``new``);
+    what differs was chosen and stays. Nested sections are compared key by key."""
+    if not (isinstance(value, dict) and isinstance(old, dict) and isinstance(new, dict)):
+        return new if value == old else value
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        before, after = old.get(key, _ABSENT), new.get(key, _ABSENT)
+        if before is _ABSENT:
+            out[key] = item  # not loaded for the old task: chosen (a key of an open mapping)
+        elif after is _ABSENT:
+            if item != before:  # the old task's profile added it; keep it only if changed since
+                out[key] = item
+        else:
+            out[key] = _retarget(item, before, after)
+    for key, after in new.items():
+        if key not in value and key not in old:  # the new task's profile adds it
+            out[key] = after
+    return out
 
 
 def config_for_task(
@@ -523,21 +611,26 @@ def config_for_task(
     setting still at the value loading for the old task gives takes the value loading for the new
     task gives (the new profile's, else the default); a setting that differs was chosen by the
     user (``--set``, a params file, a keyword argument) and stays, as does every key of ``keep``
-    (``{section: {key: ...}}``: values chosen explicitly, even if they equal a default).
+    (``{section: {key: ...}}``: values chosen explicitly, even if they equal a default). Nested
+    settings (``curriculum.stages.<stage>.<key>``, ``tasks.<task>.<key>``) are compared one by one.
     """
     if str(task).lower() == config.train.task.lower():
         return config if task == config.train.task else with_overrides(config, train={"task": task})
-    old = load_config(overrides=[{"train": {"task": config.train.task}}]).to_dict()
-    new = load_config(overrides=[{"train": {"task": task}}]).to_dict()
+    old = default_config(config.train.task).to_dict()
+    new = default_config(task).to_dict()
     data = config.to_dict()
     keep = keep or {}
     for section, values in data.items():
         kept = keep.get(section) or {}
-        for key, value in values.items():
-            if key not in kept and value == old[section][key]:
-                values[key] = new[section][key]
+        data[section] = {
+            key: value if key in kept else _retarget(value, old[section][key], new[section][key])
+            for key, value in values.items()
+        }
     data["train"]["task"] = task
-    return Config.model_validate(data)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, f"configuration for task '{task}'")) from None
 
 
 def run_collection_name(prefix: str) -> str:
@@ -556,16 +649,35 @@ def with_run_collection(config: Config, prefix: str) -> Config:
     return config.model_copy(update={"memory": memory})
 
 
+def _fill(base: Mapping[str, Any], saved: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``saved`` with the keys it lacks taken from ``base``; an open mapping it has (a stage's
+    completion criteria) is taken whole, so that no criterion the run did not have appears."""
+    merged = dict(base)
+    for key, value in saved.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping) and not _is_open(dotted):
+            merged[key] = _fill(merged[key], value, dotted + ".")
+        else:
+            merged[key] = value
+    return merged
+
+
 def config_from_dict(data: Mapping[str, Any], source: str = "checkpoint") -> Config:
-    """Rebuild a Config saved with a run, filling keys added since from the defaults."""
+    """Rebuild a Config saved with a run, filling keys and sections added since from the defaults
+    as loaded for the run's task (a checkpoint from before ``rewards``, ``tasks``, ``curriculum``
+    and ``meta`` were saved gets what params.yaml gives its task, as it did then)."""
     base = load_raw()
     _check_keys(data, base, source)
-    merged = _deep_merge(base, data)
+    train = data.get("train")
+    task = train.get("task") if isinstance(train, Mapping) else None
+    if isinstance(task, str) and task:
+        base = load_raw(overrides=[{"train": {"task": task}}])
+    merged = _fill(base, data)
     core = {name: merged[name] for name in Config.model_fields}
     try:
         return Config.model_validate(core)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, source)) from None
+        raise ConfigError(format_validation_error(exc, source)) from None
 
 
 def resolve_device(name: str):

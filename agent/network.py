@@ -35,6 +35,50 @@ _FUNCTIONAL_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+Layer = tuple[Any, Any]
+"""(weight, bias) of one linear layer: torch tensors, or numpy arrays (weight transposed)."""
+
+
+def TORCH_LINEAR(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``F.linear`` (for a 2-D input it is ``addmm(bias, x, weight.t())``)."""
+    return F.linear(x, weight, bias)
+
+
+def _numpy_linear(x: np.ndarray, weight_t: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    return x @ weight_t + bias
+
+
+def q_forward(
+    hidden: list[Layer],
+    heads: list[Layer],
+    x: Any,
+    linear: Callable[[Any, Any, Any], Any],
+    activation: Callable[[Any], Any],
+    *,
+    dropout: Callable[[Any], Any] | None = None,
+    keep: list[Any] | None = None,
+) -> Any:
+    """The Q-network's forward pass as a function of its layers: the one definition that the
+    module's ``forward``, the closed-form update and the numpy acting policy all run.
+
+    ``heads`` is [output] or [value, advantage] (dueling), or [] to stop at the penultimate
+    layer (the embedding). ``keep`` collects each hidden activation (the closed-form backward
+    pass needs them); ``dropout`` masks hidden activations while training.
+    """
+    for weight, bias in hidden:
+        x = activation(linear(x, weight, bias))
+        if dropout is not None:
+            x = dropout(x)
+        if keep is not None:
+            keep.append(x)
+    if not heads:
+        return x
+    if len(heads) == 2:
+        advantage = linear(x, *heads[1])
+        return linear(x, *heads[0]) + advantage - advantage.mean(-1, keepdims=True)
+    return linear(x, *heads[0])
+
+
 @dataclass(frozen=True)
 class NetworkArchitecture:
     """The shape of a LearningNetwork: what architecture search varies."""
@@ -118,9 +162,6 @@ class LearningNetwork(nn.Module):
             self.advantage_head = nn.Linear(width, arch.output_dim)
         else:
             self.head = nn.Linear(width, arch.output_dim)
-        # forward() calls the layers' functions directly: for a small MLP, nn.Module's call
-        # machinery (hooks, nesting) costs as much as the arithmetic.
-        self._hidden = [m for m in self.body if isinstance(m, nn.Linear)]
         self._activation = _FUNCTIONAL_ACTIVATIONS[arch.activation]
         # Dropout masks come from the network's own generator, not torch's global one, so two
         # networks training in two threads (the pipeline's parallel stages) stay reproducible.
@@ -146,15 +187,22 @@ class LearningNetwork(nn.Module):
     def output_size(self) -> int:
         return self.architecture.output_dim
 
+    def hidden_layers(self) -> list[Layer]:
+        """(weight [out, in], bias [out]) of each hidden linear layer, input first."""
+        return [(m.weight, m.bias) for m in self.body if isinstance(m, nn.Linear)]
+
+    def head_layers(self) -> list[Layer]:
+        """The output layer, or (value, advantage) for a dueling head."""
+        heads = [self.value_head, self.advantage_head] if self.architecture.dueling else [self.head]
+        return [(m.weight, m.bias) for m in heads]
+
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self._dropout_mask(x, self.architecture.dropout)
+
     def features(self, state: torch.Tensor) -> torch.Tensor:
         """The penultimate layer: an optional learned embedding for similar-state search."""
-        x = state
-        dropout = self.architecture.dropout
-        for linear in self._hidden:
-            x = self._activation(F.linear(x, linear.weight, linear.bias))
-            if dropout > 0 and self.training:
-                x = x * self._dropout_mask(x, dropout)
-        return x
+        dropout = self._dropout if self.architecture.dropout > 0 and self.training else None
+        return q_forward(self.hidden_layers(), [], state, TORCH_LINEAR, self._activation, dropout=dropout)
 
     def seed_dropout(self, seed: int) -> None:
         """Start the dropout masks' own random stream at ``seed``."""
@@ -178,11 +226,10 @@ class LearningNetwork(nn.Module):
         self._dropout_generator = generator
 
     def forward(self, state: torch.Tensor) -> torch.Tensor:
-        hidden = self.features(state)
-        if self.architecture.dueling:
-            advantage = self.advantage_head(hidden)
-            return self.value_head(hidden) + advantage - advantage.mean(dim=-1, keepdim=True)
-        return self.head(hidden)
+        dropout = self._dropout if self.architecture.dropout > 0 and self.training else None
+        return q_forward(
+            self.hidden_layers(), self.head_layers(), state, TORCH_LINEAR, self._activation, dropout=dropout
+        )
 
 
 _NUMPY_ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
@@ -209,13 +256,9 @@ class NumpyPolicy:
         if arch.activation not in _NUMPY_ACTIVATIONS:
             raise ValueError(f"no numpy form for activation '{arch.activation}'")
         self._activation = _NUMPY_ACTIVATIONS[arch.activation]
-        linears = [m for m in network.body if isinstance(m, nn.Linear)]
-        self._hidden = [(m.weight.detach().numpy().T, m.bias.detach().numpy()) for m in linears]
-        heads = (
-            [network.value_head, network.advantage_head] if arch.dueling else [network.head]
-        )
-        self._heads = [(m.weight.detach().numpy().T, m.bias.detach().numpy()) for m in heads]
-        self._dueling = arch.dueling
+        # Transposed views: ``x @ weight`` is numpy's row-major form of ``F.linear``.
+        self._hidden = [(w.detach().numpy().T, b.detach().numpy()) for w, b in network.hidden_layers()]
+        self._heads = [(w.detach().numpy().T, b.detach().numpy()) for w, b in network.head_layers()]
 
     @staticmethod
     def supports(network: LearningNetwork) -> bool:
@@ -223,12 +266,4 @@ class NumpyPolicy:
         return on_cpu and network.architecture.activation in _NUMPY_ACTIVATIONS
 
     def __call__(self, states: np.ndarray) -> np.ndarray:
-        x = states
-        for weight, bias in self._hidden:
-            x = self._activation(x @ weight + bias)
-        if self._dueling:
-            (wv, bv), (wa, ba) = self._heads
-            advantage = x @ wa + ba
-            return (x @ wv + bv) + advantage - advantage.mean(axis=-1, keepdims=True)
-        weight, bias = self._heads[0]
-        return x @ weight + bias
+        return q_forward(self._hidden, self._heads, states, _numpy_linear, self._activation)

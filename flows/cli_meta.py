@@ -1,8 +1,9 @@
 """``lagent optimize`` and ``lagent adapt``: Optuna searches and policy adaptation from the shell.
 
-Registered by ``flows.cli.build_parser``; they follow the other subcommands: the same config
-layers (``--params``, ``--set``), a progress bar on a terminal, a summary table at the end,
-``--json`` for one JSON object as the last line, and one-line errors with exit status 2.
+Registered by ``flows.cli.build_parser``; with the helpers of :mod:`flows.cli_common` they follow
+the other subcommands: the same config layers (``--params``, ``--set``), a progress bar on a
+terminal, a summary table at the end, ``--json`` for one JSON object as the last line, and
+one-line errors with exit status 2.
 """
 
 from __future__ import annotations
@@ -15,14 +16,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from flows.cli import (
+from flows.cli_common import (
     UsageError,
-    _report,
     add_config_arguments,
+    console,
+    echo,
     emit_json,
     load_cli_config,
     progress_bars,
 )
+from flows.formatting import number, percent
 
 EXIT_NOTHING_FOUND = 1
 
@@ -31,25 +34,11 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.@-]+", "_", text).strip("_") or "run"
 
 
-def _console(args: argparse.Namespace) -> Any:
-    from rich.console import Console
-
-    return Console(stderr=bool(args.json), soft_wrap=True)
-
-
-def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}"
-    return str(value)
-
-
 # --------------------------------------------------------------------------- optimize
 
 
 def _optimize_command(args: argparse.Namespace) -> int:
-    from agent.meta import MetaLearningManager, OptimizationType, load_meta_config, resolve_task, source_name
+    from agent.meta import MetaLearningManager, OptimizationType, resolve_task, source_name
 
     for flag, value in (("--trials", args.trials), ("--n-jobs", args.n_jobs), ("--timesteps", args.timesteps)):
         if value is not None and value < 1:
@@ -57,10 +46,9 @@ def _optimize_command(args: argparse.Namespace) -> int:
     if args.timeout is not None and args.timeout <= 0:
         raise UsageError(f"--timeout must be positive, got {args.timeout}")
     extra = [f"run.seed={args.seed}"] if args.seed is not None else []
-    config = load_cli_config(args, extra)
-    meta = load_meta_config(args.params, args.overrides)
+    config = load_cli_config(args, extra)  # its ``meta`` section is the manager's
     updates = {k: v for k, v in (("storage_url", args.storage), ("study_name", args.study)) if v is not None}
-    manager = MetaLearningManager(updates, config=config, meta_config=meta)
+    manager = MetaLearningManager(updates, config=config)
     options = manager.options(
         n_trials=args.trials, n_jobs=args.n_jobs, trial_timesteps=args.timesteps, timeout=args.timeout
     )
@@ -75,7 +63,7 @@ def _optimize_command(args: argparse.Namespace) -> int:
     study_name = manager.study_name_for(kind, spec, source_name(str(source)) if source else None)
     out = Path(args.out) if args.out else Path("runs") / "optimize" / _safe(study_name.replace("/", "__"))
 
-    _report(
+    echo(
         f"{kind.value} search on {spec.label}: {options.n_trials} trials of {options.trial_timesteps:,} steps "
         f"(pruner {options.pruner}, {options.n_jobs} parallel) in study '{study_name}' ({manager.meta.storage_url})",
         args,
@@ -84,7 +72,7 @@ def _optimize_command(args: argparse.Namespace) -> int:
 
         def on_trial(info: Mapping[str, Any]) -> None:
             best = info.get("best_value")
-            update("trials", info["done"], status=f"best {_fmt(best)}  last: {info['state']}")
+            update("trials", info["done"], status=f"best {number(best)}  last: {info['state']}")
 
         result = manager.search(
             kind, spec.task, source=source, options=options, task_params=spec.task_params, progress=on_trial
@@ -94,7 +82,7 @@ def _optimize_command(args: argparse.Namespace) -> int:
     command = f"adapt --source {args.source} --task {args.task or spec.task}" if source is not None else "train"
     best = artifacts.get("best_params")
     apply = f"   (apply: lagent {command} --params {best})" if best else ""
-    _report(f"results: {out}{apply}", args)
+    echo(f"results: {out}{apply}", args)
     if args.json:
         emit_json({**result.to_dict(include_trials=False), "out": str(out)})
     if result.trials_complete == 0:
@@ -123,17 +111,17 @@ def _print_search_table(result: Any, args: argparse.Namespace) -> None:
         ("diverged (pruned)", str(result.trials_diverged)),
         ("env steps trained", f"{result.steps_trained:,}"),
         ("saved by pruning", f"{result.steps_saved:,} steps ({saved:.0%} of {result.steps_unpruned:,})"),
-        (f"best value ({result.direction})", _fmt(result.best_value)),
+        (f"best value ({result.direction})", number(result.best_value)),
     ]
     for key, value in result.best_params.items():
-        rows.append((f"  {key}", _fmt(value)))
+        rows.append((f"  {key}", number(value)))
     if result.best_architecture is not None:
         arch = result.best_architecture
         rows.append(("best architecture", f"{arch.input_dim} -> {list(arch.hidden_layers)} -> {arch.output_dim}, "
                                           f"{arch.activation}, dropout {arch.dropout:.2f}"))
     for key, value in rows:
         table.add_row(key, value)
-    _console(args).print(table)
+    console(args).print(table)
 
 
 def _source_checkpoint(source: str) -> Path:
@@ -176,7 +164,7 @@ def _adapt_command(args: argparse.Namespace) -> int:
     if (run_dir / "checkpoints" / "last.pt").exists():
         raise UsageError(f"{run_dir} already holds a run: choose another --run-dir")
 
-    _report(f"adapting {checkpoint} to {spec.label}: {steps:,} fine-tuning steps, and as many from scratch", args)
+    echo(f"adapting {checkpoint} to {spec.label}: {steps:,} fine-tuning steps, and as many from scratch", args)
     bars = {"adapted": ("fine-tune", float(steps)), "scratch": ("from scratch", float(steps))}
     with progress_bars(not args.no_progress, bars) as update:
 
@@ -195,7 +183,7 @@ def _adapt_command(args: argparse.Namespace) -> int:
             source_label=str(checkpoint),
         )
     _print_adapt_table(result, args)
-    _report(f"adapted run: {run_dir}   (continue: lagent train --resume {run_dir})", args)
+    echo(f"adapted run: {run_dir}   (continue: lagent train --resume {run_dir})", args)
     if args.json:
         emit_json(result.to_dict())
     return 0
@@ -209,24 +197,20 @@ def _print_adapt_table(result: Any, args: argparse.Namespace) -> None:
     table.add_column("mean reward", justify="right")
     table.add_column("std", justify="right")
     table.add_column("success", justify="right")
-    table.add_row("adapted (transfer + fine-tune)", _fmt(result.adapted_reward), _fmt(result.adapted_std),
-                  _percent(result.adapted_success_rate))
-    table.add_row("from scratch", _fmt(result.scratch_reward), _fmt(result.scratch_std),
-                  _percent(result.scratch_success_rate))
+    table.add_row("adapted (transfer + fine-tune)", number(result.adapted_reward), number(result.adapted_std),
+                  percent(result.adapted_success_rate))
+    table.add_row("from scratch", number(result.scratch_reward), number(result.scratch_std),
+                  percent(result.scratch_success_rate))
     if result.zero_shot_reward is not None:
-        table.add_row("source, no fine-tuning", _fmt(result.zero_shot_reward), "-", "-")
-    console = _console(args)
-    console.print(table)
-    console.print(f"difference adapted - scratch: {result.improvement:+.4g} over {result.eval_episodes} episodes")
-    console.print(f"transferred layers: {', '.join(result.transferred) or 'none'}")
+        table.add_row("source, no fine-tuning", number(result.zero_shot_reward), "-", "-")
+    out = console(args)
+    out.print(table)
+    out.print(f"difference adapted - scratch: {result.improvement:+.4g} over {result.eval_episodes} episodes")
+    out.print(f"transferred layers: {', '.join(result.transferred) or 'none'}")
     fresh = [layer for layer in result.reinitialized if layer not in result.partially_transferred]
     for layer, kept in result.partially_transferred.items():
-        console.print(f"partly transferred: {layer} kept {kept}")
-    console.print(f"re-initialised layers: {', '.join(fresh) or 'none'}")
-
-
-def _percent(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0%}"
+        out.print(f"partly transferred: {layer} kept {kept}")
+    out.print(f"re-initialised layers: {', '.join(fresh) or 'none'}")
 
 
 # --------------------------------------------------------------------------- parser

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flows.cli import UsageError, add_config_arguments, emit_json
+from flows.cli_common import UsageError, add_config_arguments, echo, emit_json
 
 
 def _quiet_defaults() -> None:
@@ -25,10 +25,6 @@ def _quiet_defaults() -> None:
         "DVC_NO_ANALYTICS": "1",
     }.items():
         os.environ.setdefault(key, value)
-
-
-def _print(message: str, args: argparse.Namespace) -> None:
-    print(message, file=sys.stderr if args.json else sys.stdout, flush=True)
 
 
 def _check_stages(names: list[str] | None) -> list[str] | None:
@@ -47,7 +43,7 @@ def _pipeline_command(args: argparse.Namespace) -> int:
 
     settings_for(args.params, args.overrides, args.quick)  # bad params fail here, before Prefect starts
     stages = _check_stages(args.stages)
-    _print(
+    echo(
         f"running the pipeline{' (quick profile)' if args.quick else ''}: Prefect starts a temporary local "
         "server unless PREFECT_API_URL points at one",
         args,
@@ -63,12 +59,12 @@ def _pipeline_command(args: argparse.Namespace) -> int:
             params_files=list(args.params), overrides=list(args.overrides), quick=args.quick, root=".", stages=stages
         )
     width = max(len(r["name"]) for r in summary["stages"]) if summary["stages"] else 5
-    _print("", args)
+    echo("", args)
     for result in summary["stages"]:
-        _print(f"  {result['name']:<{width}}  {result.get('seconds', 0):5.0f} s  {result['summary']}", args)
-    _print(f"\npipeline finished in {time.perf_counter() - started:.0f} s", args)
-    _print(f"DVC: {summary['dvc']['line']}\n", args)
-    _print(where_to_look(summary), args)
+        echo(f"  {result['name']:<{width}}  {result.get('seconds', 0):5.0f} s  {result['summary']}", args)
+    echo(f"\npipeline finished in {time.perf_counter() - started:.0f} s", args)
+    echo(f"DVC: {summary['dvc']['line']}\n", args)
+    echo(where_to_look(summary), args)
     if args.json:
         emit_json(summary)
     return 0
@@ -84,7 +80,7 @@ def _stage_command(args: argparse.Namespace) -> int:
     _check_stages([args.name])
     settings = settings_for(args.params, args.overrides, args.quick)
     result = run_stage(args.name, settings, Layout(Path(".").resolve()))
-    _print(f"{args.name}: {result.summary}", args)
+    echo(f"{args.name}: {result.summary}", args)
     if args.json:
         emit_json(result.to_dict())
     return 0
@@ -101,13 +97,13 @@ def _schedule_command(args: argparse.Namespace) -> int:
     from flows.pipeline import serve, settings_for
 
     settings_for(args.params, args.overrides, args.quick)
-    _print(
+    echo(
         f"serving deployment 'lagent-pipeline/{args.name}' on cron '{args.cron}' (Ctrl-C stops it); "
         "runs show in the Prefect UI of the server PREFECT_API_URL points at",
         args,
     )
     serve(args.cron, args.name, args.params, args.overrides, args.quick)
-    _print(
+    echo(
         f"stopped: the schedule of 'lagent-pipeline/{args.name}' is paused "
         f"(serve it again with the same command, or: prefect deployment schedule ls lagent-pipeline/{args.name})",
         args,

@@ -60,7 +60,7 @@ def _search(
 ) -> StageResult:
     """Run one search at the first curriculum level and write its results beside its study."""
     manager = _manager(settings, layout, kind, on_trial)
-    task_params = CurriculumManager().parameters_for(SEARCH_LEVEL)
+    task_params = CurriculumManager.for_task(settings.pipeline.task, config=settings.config).parameters_for(SEARCH_LEVEL)
     directory = layout.search_dir(kind)
     if kind == "hyperparameters":
         result = manager.search_hyperparameters(settings.pipeline.task, task_params=task_params, progress=progress)

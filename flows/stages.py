@@ -8,7 +8,6 @@ and the tracking layer (``flows/tracking.py``) records what the result names.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import csv
 import json
@@ -27,9 +26,11 @@ import yaml
 from agent import LearningAgent, TrainingManager
 from agent.checkpoint import load_checkpoint_file
 from agent.config import Config, with_run_collection
+from agent.jsonable import jsonable
 from agent.metrics import MetricsSink
 from agent.network import LearningNetwork, NetworkArchitecture
 from agent.tasks import CurriculumManager, task_spaces
+from flows.formatting import percent
 from flows.settings import LEVELS, Layout, Settings
 
 Progress = Callable[[Mapping[str, float]], None]
@@ -57,17 +58,10 @@ class StageResult:
 
 
 def write_json(path: Path, payload: Mapping[str, Any]) -> Path:
+    """``payload`` as sorted, indented JSON (numpy numbers and paths as plain values)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=_jsonable) + "\n")
+    path.write_text(json.dumps(jsonable(payload), indent=2, sort_keys=True) + "\n")
     return path
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (np.generic,)):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot write {type(value).__name__} as JSON")
 
 
 def _finite(value: Any) -> float | None:
@@ -121,8 +115,8 @@ def train_level(
     config, task = settings.config, settings.pipeline.task
     if settings.pipeline.use_memory:  # saved with the model: which collection it replayed
         config = with_run_collection(config, f"{task}-{level}")
-    task_params = CurriculumManager().parameters_for(level)
-    input_dim, output_dim = task_spaces(task)
+    task_params = CurriculumManager.for_task(task, config=config).parameters_for(level)
+    input_dim, output_dim = task_spaces(task, config=config)
     agent = LearningAgent(input_dim, output_dim, config=config)
     previous = layout.model(LEVELS[LEVELS.index(level) - 1]) if LEVELS.index(level) > 0 else None
     if previous is not None:
@@ -139,8 +133,8 @@ def train_level(
             tensorboard=False,
         )
         try:
-            summary = asyncio.run(trainer.train(progress=progress))
-            asyncio.run(trainer.evaluate(num_episodes=config.evaluate.episodes))
+            summary = trainer.run(progress=progress)
+            trainer.run_evaluation(num_episodes=config.evaluate.episodes)
             evaluation = trainer.last_evaluation
             model = trainer.save_checkpoint(layout.model(level), include_run_state=False)
             trainer.write_episode_log(layout.curve(level))
@@ -166,14 +160,10 @@ def train_level(
         outputs=[model, metrics_path, layout.curve(level)],
         summary=(
             f"{level}: {summary['global_step']:,} steps {started}, greedy success "
-            f"{_percent(evaluation.get('success_rate'))}, reward {evaluation['mean_reward']:.2f}"
+            f"{percent(evaluation.get('success_rate'), 'n/a')}, reward {evaluation['mean_reward']:.2f}"
         ),
         model=model,
     )
-
-
-def _percent(value: Any) -> str:
-    return "n/a" if value is None else f"{100 * float(value):.0f}%"
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -187,7 +177,7 @@ def evaluate(settings: Settings, layout: Layout) -> StageResult:
         tensorboard=False,
     )
     try:
-        report = asyncio.run(trainer.evaluate_curriculum(settings.config.evaluate.episodes))
+        report = trainer.run_curriculum_evaluation(settings.config.evaluate.episodes)
     finally:
         trainer.close()
     payload = {
@@ -204,7 +194,7 @@ def evaluate(settings: Settings, layout: Layout) -> StageResult:
     metrics = {
         f"{level}_{key}": value for level, row in payload.items() for key, value in row.items() if value is not None
     }
-    line = ", ".join(f"{level} {_percent(row['success_rate'])}" for level, row in payload.items())
+    line = ", ".join(f"{level} {percent(row['success_rate'], 'n/a')}" for level, row in payload.items())
     return StageResult(
         name="evaluate",
         metrics=metrics,
@@ -224,7 +214,7 @@ def _write_evaluation_report(layout: Layout, settings: Settings, payload: Mappin
     ]
     for level, row in payload.items():
         lines.append(
-            f"| {level} | {_percent(row['success_rate'])} | {row['mean_reward']:.2f} | {row['std_reward']:.2f} |"
+            f"| {level} | {percent(row['success_rate'], 'n/a')} | {row['mean_reward']:.2f} | {row['std_reward']:.2f} |"
         )
     path = layout.evaluation_report
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -361,7 +351,7 @@ def _write_model_card(
     config = document.get("config", {})
     train = config.get("train", {})
     rows = "\n".join(
-        f"| {level} | {_percent(row.get('success_rate'))} | {row.get('mean_reward', float('nan')):.2f} |"
+        f"| {level} | {percent(row.get('success_rate'), 'n/a')} | {row.get('mean_reward', float('nan')):.2f} |"
         for level, row in evaluation.items()
     )
     card = f"""# Model card: {settings.export.registered_model_name}

@@ -8,7 +8,7 @@ The header is ``{"arrays": [{"name", "dtype", "shape"}, ...], "meta": {...}}``; 
 in header order, each array padded to a multiple of 8 bytes so the next one starts aligned. JSON
 keeps the header readable and extensible; it is tiny next to the arrays, so it costs nothing.
 
-This module imports numpy and the standard library only: the client (``agent/memory_client.py``)
+This module imports numpy and the standard library only: the client (``agent/memory_client/``)
 shares it with the server, and must not pull in any server code.
 """
 

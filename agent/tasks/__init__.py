@@ -14,6 +14,7 @@ from typing import Any
 
 import gymnasium as gym
 
+from agent.config import Config
 from agent.tasks.base import BatchTaskEnv, TaskStateError
 from agent.tasks.cooperative import CooperativeEnv
 from agent.tasks.curriculum import (
@@ -111,21 +112,30 @@ def make_vector_env(
     max_episode_steps: int | None = None,
     task_params: Any = None,
     reward_config: Any = None,
+    config: Config | None = None,
 ) -> gym.vector.VectorEnv:
     """``num_envs`` copies of a task (or of a Gymnasium env id) stepped as one batch.
 
-    For a task type: ``task_params`` is TaskParameters, a mapping of some of its fields, or None
-    (the first curriculum stage); ``reward_config`` a RewardConfig, a mapping, or None (the
-    spec's defaults); the episode's step limit is the stage's time limit / ``tasks.dt``, capped
-    by ``max_episode_steps``.
+    For a task type: ``config`` is the resolved configuration (None: params.yaml's) whose
+    ``tasks``, ``rewards`` and ``curriculum`` sections the env uses; ``task_params`` is
+    TaskParameters, a mapping of some of its fields, or None (the first stage of the config's
+    curriculum); ``reward_config`` a RewardConfig, a mapping (keys it lacks: the config's), or
+    None (the config's ``rewards``); the episode's step limit is the stage's time limit /
+    ``tasks.dt``, capped by ``max_episode_steps``. A Gymnasium env uses none of these sections.
     """
     task_type = TaskType.parse(task)
     if task_type is not None:
+        if config is not None and not isinstance(config, Config):
+            raise TypeError(f"config must be an agent.config.Config, got {type(config).__name__}")
         rewards = reward_config
         if rewards is not None and not isinstance(rewards, RewardConfig):
-            rewards = RewardConfig.from_mapping(rewards)
+            rewards = RewardConfig.from_mapping(rewards, config=config)
         return TASK_ENVS[task_type](
-            num_envs, task_params=task_params, reward_config=rewards, max_episode_steps=max_episode_steps
+            num_envs,
+            task_params=task_params,
+            reward_config=rewards,
+            max_episode_steps=max_episode_steps,
+            config=config,
         )
     name = task_name(task)
     if is_gym_id(name):
@@ -142,24 +152,32 @@ def create_task(
     reward_config: Any = None,
     *,
     max_episode_steps: int | None = None,
+    config: Config | None = None,
 ) -> TaskEnv:
-    """One copy of a task as a ``gymnasium.Env`` (a team, for the multi-agent task)."""
+    """One copy of a task as a ``gymnasium.Env`` (a team, for the multi-agent task); ``config``
+    as for :func:`make_vector_env`."""
     if TaskType.parse(task_type) is None:
         raise UnsupportedEnvironmentError(
             f"unknown task type {task_type!r}; expected one of {[t.value for t in TaskType]}"
         )
     return TaskEnv(
         make_vector_env(
-            task_type, 1, task_params=task_params, reward_config=reward_config, max_episode_steps=max_episode_steps
+            task_type,
+            1,
+            task_params=task_params,
+            reward_config=reward_config,
+            max_episode_steps=max_episode_steps,
+            config=config,
         )
     )
 
 
-def task_spaces(task: Any) -> tuple[int, int]:
-    """(observation size, number of discrete actions) of a task: the agent's input/output sizes.
+def task_spaces(task: Any, *, config: Config | None = None) -> tuple[int, int]:
+    """(observation size, number of discrete actions) of a task: the agent's input/output sizes
+    (under ``config``'s ``tasks`` settings: sensors, team size and grid decide them).
 
     Both are the same at every curriculum stage, so one network serves the whole curriculum."""
-    envs = make_vector_env(task, 1)
+    envs = make_vector_env(task, 1, config=config)
     try:
         return int(envs.single_observation_space.shape[0]), int(envs.single_action_space.n)
     finally:

@@ -27,8 +27,9 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.vector.utils import batch_space
 
+from agent.config import Config
 from agent.tasks.curriculum import TaskParameters
-from agent.tasks.params import TasksSection, task_settings
+from agent.tasks.params import TasksSection, resolve
 from agent.tasks.rewards import RewardComponent, RewardConfig, TaskRewardManager, efficiency_signal
 from agent.tasks.spaces import ActionSpace
 from agent.tasks.types import TaskType
@@ -93,20 +94,29 @@ class BatchTaskEnv(gym.vector.VectorEnv):
         reward_config: RewardConfig | None = None,
         max_episode_steps: int | None = None,
         agents: int = 1,
+        config: Config | None = None,
     ) -> None:
+        """``config``: the resolved configuration whose ``tasks`` (physics, sensors, per-task
+        settings), ``rewards`` (weights, unless ``reward_config`` is given) and ``curriculum``
+        (the first stage, when ``task_params`` is None) this env uses; None: params.yaml's."""
         if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
         if max_episode_steps is not None and max_episode_steps < 1:
             raise ValueError(f"max_episode_steps must be >= 1, got {max_episode_steps}")
-        self.settings: TasksSection = task_settings()
-        self.params = TaskParameters.coerce(task_params)
+        self.config: Config = resolve(config)
+        self.settings: TasksSection = self.config.tasks
+        self.params = TaskParameters.coerce(task_params, config=self.config)
         self.copies = int(num_envs)
         self.agents = int(agents)
         self.num_envs = self.copies * self.agents
         self.dt = self.settings.dt
         limit = self.params.max_steps(self.dt)
         self.max_steps = min(limit, max_episode_steps) if max_episode_steps is not None else limit
-        self.rewards = TaskRewardManager(self.task_type, reward_config)
+        self.rewards = TaskRewardManager(
+            self.task_type,
+            reward_config if reward_config is not None else RewardConfig.from_config(self.config),
+            resource_value=self.settings.exploration.resource_value,
+        )
         self._fast_rewards = self.rewards.builtin_only
 
         self.model: ActionSpace = self._build_action_space()
@@ -347,7 +357,7 @@ class BatchTaskEnv(gym.vector.VectorEnv):
         for key, value in expected.items():
             if state.get(key) != value:
                 raise TaskStateError(f"saved environment state has {key}={state.get(key)!r}, this one {value!r}")
-        if TaskParameters.coerce(state.get("params")) != self.params:
+        if TaskParameters.coerce(state.get("params"), config=self.config) != self.params:
             raise TaskStateError("saved environment state was taken under different task parameters")
         arrays = state["arrays"]
         for name in self._state_names():

@@ -49,7 +49,7 @@ class CooperativeEnv(PlanarTaskEnv):
     episode_arrays = PlanarTaskEnv.episode_arrays + ("_signal", "_error_sum", "_in_formation", "_team_formed")
 
     def __init__(self, num_envs: int, **kwargs: Any) -> None:
-        team = kwargs.pop("agents", None) or self._team_size()
+        team = kwargs.pop("agents", None) or self._team_size(kwargs.get("config"))
         super().__init__(num_envs, agents=team, **kwargs)
         settings = self.settings.multi_agent
         k = self.agents
@@ -78,13 +78,13 @@ class CooperativeEnv(PlanarTaskEnv):
             self._obs[:, slots["cooperation"]] = 1.0
 
     @staticmethod
-    def _team_size() -> int:
+    def _team_size(config: Any = None) -> int:
         from agent.tasks.params import task_settings
 
-        return task_settings().multi_agent.num_agents
+        return task_settings(config).multi_agent.num_agents
 
     def _build_action_space(self) -> ActionSpace:
-        return ActionSpaceFactory.create_action_space(TaskType.MULTI_AGENT, num_agents=self.agents)
+        return ActionSpaceFactory.create_action_space(TaskType.MULTI_AGENT, num_agents=self.agents, config=self.settings)
 
     def _velocity_tables(self) -> tuple[np.ndarray, np.ndarray]:
         table = self.model.agent_discrete_actions()

@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from agent.config import ConfigError, load_raw, load_section
+from agent.config import Config, ConfigError, config_for_task, default_config, load_section
 from agent.tasks.params import CurriculumSection, curriculum_defaults
 
 log = logging.getLogger(__name__)
@@ -105,30 +105,39 @@ class TaskParameters:
             raise CurriculumError(f"min_episodes must be a positive integer, got {self.min_episodes!r}")
 
     @classmethod
-    def default(cls) -> TaskParameters:
-        """The first stage's parameters (what a task gets when nothing is said)."""
-        return default_stages()[0].task_params
+    def default(cls, *, config: Config | CurriculumSection | None = None) -> TaskParameters:
+        """The first stage's parameters (what a task gets when nothing is said), of ``config``'s
+        curriculum (a resolved Config or its ``curriculum`` section; default: params.yaml's)."""
+        return default_stages(section=_section(config))[0].task_params
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], base: TaskParameters | None = None) -> TaskParameters:
-        """Parameters from a dict; keys not given are taken from ``base`` (default: the first stage)."""
+    def from_mapping(
+        cls,
+        values: Mapping[str, Any],
+        base: TaskParameters | None = None,
+        *,
+        config: Config | CurriculumSection | None = None,
+    ) -> TaskParameters:
+        """Parameters from a dict; keys not given are taken from ``base`` (default: the first
+        stage of ``config``'s curriculum)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - known
         if unknown:
             raise CurriculumError(f"unknown task parameters {sorted(unknown)}; known: {sorted(known)}")
-        merged = dataclasses.asdict(base if base is not None else cls.default())
+        merged = dataclasses.asdict(base if base is not None else cls.default(config=config))
         merged.update(values)
         return cls(**merged)
 
     @classmethod
-    def coerce(cls, value: Any) -> TaskParameters:
-        """Accept TaskParameters, a mapping of some of its fields, or None (the first stage)."""
+    def coerce(cls, value: Any, *, config: Config | CurriculumSection | None = None) -> TaskParameters:
+        """Accept TaskParameters, a mapping of some of its fields, or None (the first stage of
+        ``config``'s curriculum; default: params.yaml's)."""
         if value is None:
-            return cls.default()
+            return cls.default(config=config)
         if isinstance(value, cls):
             return value
         if isinstance(value, Mapping):
-            return cls.from_mapping(value)
+            return cls.from_mapping(value, config=config)
         raise CurriculumError(f"task_params must be TaskParameters or a mapping, got {type(value).__name__}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -271,11 +280,27 @@ class CurriculumStage:
         self.metric_sums = {str(k): float(v) for k, v in dict(state.get("metric_sums", {})).items()}
 
 
+def _section(config: Config | CurriculumSection | None) -> CurriculumSection:
+    """The curriculum section of a resolved config (or the section itself; None: params.yaml's)."""
+    if config is None:
+        return curriculum_defaults()
+    if isinstance(config, Config):
+        return config.curriculum
+    if isinstance(config, CurriculumSection):
+        return config
+    raise CurriculumError(f"config must be a Config or its curriculum section, got {type(config).__name__}")
+
+
 def default_stages(
-    window: int | None = None, history_limit: int | None = None, section: CurriculumSection | None = None
+    window: int | None = None,
+    history_limit: int | None = None,
+    section: CurriculumSection | None = None,
+    *,
+    config: Config | None = None,
 ) -> list[CurriculumStage]:
-    """The spec's four stages, as params.yaml gives them (or as ``section``, a resolved one, does)."""
-    section = section or curriculum_defaults()
+    """The spec's four stages, as params.yaml gives them (or as ``section``, or a resolved
+    ``config``'s curriculum, does)."""
+    section = section if section is not None else _section(config)
     stages = []
     for name, stage in section.stages.items():
         values = stage.model_dump()
@@ -302,9 +327,12 @@ class CurriculumManager:
         *,
         window: int | None = None,
         history_limit: int | None = None,
+        config: Config | None = None,
     ) -> None:
+        """``stages`` None: those of ``config``'s ``curriculum`` section (a resolved Config;
+        default: params.yaml's), with its window and history limit unless given here."""
         if stages is None:
-            built = default_stages(window, history_limit)
+            built = default_stages(window, history_limit, _section(config))
         else:
             kwargs = {k: v for k, v in (("window", window), ("history_limit", history_limit)) if v is not None}
             built = [s if isinstance(s, CurriculumStage) else CurriculumStage.from_config(s, **kwargs) for s in stages]
@@ -321,9 +349,12 @@ class CurriculumManager:
         self.transitions: list[dict[str, Any]] = []
 
     @classmethod
-    def from_params(cls, section: CurriculumSection | Mapping[str, Any]) -> CurriculumManager:
+    def from_params(cls, section: Config | CurriculumSection | Mapping[str, Any]) -> CurriculumManager:
         """The curriculum a params ``curriculum`` section describes, as resolved for a run (the
-        task's profile, ``--params`` files and ``--set`` overrides applied)."""
+        task's profile, ``--params`` files and ``--set`` overrides applied); a resolved Config
+        gives its own section."""
+        if isinstance(section, Config):
+            section = section.curriculum
         if not isinstance(section, CurriculumSection):
             try:
                 section = load_section("curriculum", CurriculumSection, {"curriculum": section})  # type: ignore[assignment]
@@ -333,10 +364,17 @@ class CurriculumManager:
         return cls(default_stages(section=section))
 
     @classmethod
-    def for_task(cls, task: Any) -> CurriculumManager:
-        """The curriculum params.yaml gives a task: the defaults with the task's profile applied."""
+    def for_task(cls, task: Any, *, config: Config | None = None) -> CurriculumManager:
+        """The curriculum of a task: that of ``config`` (a resolved Config) moved to ``task``
+        (:func:`agent.config.config_for_task`: the task's profile applied under what the config
+        chose; a config loaded for this task is used as it is); without one, the defaults with
+        the task's profile applied."""
         name = str(getattr(task, "value", task))
-        return cls.from_params(load_raw(overrides=[{"train": {"task": name}}])["curriculum"])
+        if config is None:
+            return cls.from_params(default_config(name).curriculum)
+        if not isinstance(config, Config):
+            raise CurriculumError(f"config must be an agent.config.Config, got {type(config).__name__}")
+        return cls.from_params(config_for_task(config, name).curriculum)
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> CurriculumManager:

@@ -72,7 +72,7 @@ class ExplorationEnv(PlanarTaskEnv):
             self._obs[:, self.layout.slices["tools"]] = 1.0
 
     def _build_action_space(self) -> ActionSpace:
-        return ActionSpaceFactory.create_action_space(TaskType.EXPLORATION, tool=True)
+        return ActionSpaceFactory.create_action_space(TaskType.EXPLORATION, tool=True, config=self.settings)
 
     def _velocity_tables(self) -> tuple[np.ndarray, np.ndarray]:
         table = self.model.discrete_actions()

@@ -98,7 +98,7 @@ class ManipulationEnv(BatchTaskEnv):
             self._obs[:, slots["tools"]] = 1.0
 
     def _build_action_space(self) -> ActionSpace:
-        return ActionSpaceFactory.create_action_space(TaskType.MANIPULATION, tool=True)
+        return ActionSpaceFactory.create_action_space(TaskType.MANIPULATION, tool=True, config=self.settings)
 
     def _build_layout(self) -> ObservationLayout:
         return ObservationLayout(

@@ -60,7 +60,7 @@ class NavigationEnv(PlanarTaskEnv):
         )
 
     def _build_action_space(self) -> ActionSpace:
-        return ActionSpaceFactory.create_action_space(TaskType.NAVIGATION)
+        return ActionSpaceFactory.create_action_space(TaskType.NAVIGATION, config=self.settings)
 
     def _velocity_tables(self) -> tuple[np.ndarray, np.ndarray]:
         table = self.model.discrete_actions()

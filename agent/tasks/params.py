@@ -1,165 +1,60 @@
 """The task world's params.yaml sections: ``rewards``, ``curriculum`` and ``tasks``.
 
-The models declare types and bounds; the values live in ``params.yaml`` (the single source of
-defaults). Each section is read once per process and cached: environments are rebuilt at every
-curriculum stage, and re-reading YAML each time would be wasted work.
+The models live in :mod:`agent.config_sections` (so that :class:`agent.config.Config` holds them
+without importing this package) and are re-exported here. Their values come from the resolved
+config a caller passes down (``config=``); the readers below are the fallback of callers given
+none: the sections of :func:`agent.config.default_config`, i.e. of params.yaml alone.
 """
 
 from __future__ import annotations
 
-import functools
+from agent.config import Config, default_config
+from agent.config_sections import (
+    CurriculumSection,
+    ExplorationSection,
+    ManipulationSection,
+    MultiAgentSection,
+    NavigationSection,
+    RewardSection,
+    StageSection,
+    TasksSection,
+)
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from agent.config import load_raw, load_section, register_section
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid", frozen=True, use_attribute_docstrings=True, validate_default=True
-    )
-
-
-class RewardSection(_Section):
-    """Weights of the reward components (the spec's RewardConfig defaults)."""
-
-    base_reward: float
-    """Weight of the task's progress: the fraction of the task accomplished this step."""
-    time_penalty: float = Field(le=0.0)
-    """Paid every step, to make shorter episodes better."""
-    collision_penalty: float = Field(le=0.0)
-    """Paid on every step that ends in a collision (obstacle, wall, teammate)."""
-    completion_bonus: float = Field(ge=0.0)
-    """Paid once, on the step that completes the task."""
-    exploration_bonus: float = Field(ge=0.0)
-    """Per newly covered cell; a found resource counts as ``tasks.exploration.resource_value`` cells."""
-    cooperation_bonus: float = Field(ge=0.0)
-    """Times the team's formation improvement, plus once for a joint finish."""
-    efficiency_bonus: float = Field(ge=0.0)
-    """On success, times the mean smoothness of the episode's actions (1 = never changed)."""
+__all__ = [
+    "CurriculumSection",
+    "ExplorationSection",
+    "ManipulationSection",
+    "MultiAgentSection",
+    "NavigationSection",
+    "RewardSection",
+    "StageSection",
+    "TasksSection",
+    "curriculum_defaults",
+    "resolve",
+    "reward_defaults",
+    "task_settings",
+]
 
 
-class StageSection(_Section):
-    """One curriculum stage (see agent/tasks/curriculum.py)."""
-
-    workspace_size: tuple[float, float, float]
-    """Workspace extent (x, y, z) in metres."""
-    num_obstacles: int = Field(ge=0, le=64)
-    """Obstacles placed in each episode."""
-    time_limit: float = Field(gt=0.0)
-    """Seconds per episode; steps = ceil(time_limit / tasks.dt)."""
-    vision_required: bool
-    """Range sensors (and, per task, other seen things) fill their observation slots."""
-    tool_use_enabled: bool
-    """Tool actions (scanner, gripper) work; otherwise they are invalid actions."""
-    cooperation_required: bool
-    """Multi-agent: success needs a joint action (every agent signalling at the goal)."""
-    success_rate_threshold: float = Field(gt=0.0, le=1.0)
-    """Success rate over the recent window needed to leave the stage."""
-    min_episodes: int = Field(ge=1)
-    """Episodes played in the stage before it may be left."""
-    completion_criteria: dict[str, float]
-    """Further metric thresholds (means over the window); rates and errors are upper bounds."""
+def resolve(config: Config | None) -> Config:
+    """``config``, or the defaults when a caller passed none."""
+    if config is None:
+        return default_config()
+    if not isinstance(config, Config):
+        raise TypeError(f"config must be an agent.config.Config (a resolved configuration), got {type(config).__name__}")
+    return config
 
 
-class CurriculumSection(_Section):
-    window: int = Field(ge=1)
-    """Recent episodes over which success rate and criteria are measured."""
-    history_limit: int = Field(ge=1)
-    """Per-episode metrics kept per stage (older ones only count in the running means)."""
-    stages: dict[str, StageSection]
-    """Stages in order of difficulty, keyed by difficulty name."""
+def reward_defaults(config: Config | None = None) -> RewardSection:
+    """The ``rewards`` section of ``config`` (default: params.yaml's)."""
+    return resolve(config).rewards
 
 
-class NavigationSection(_Section):
-    goal_radius: float = Field(gt=0.0)
-    """Distance to the goal that counts as reached (m)."""
-    min_goal_distance: float = Field(ge=0.0)
-    """Goals are placed at least this far from the start (m), so no episode is trivial."""
+def curriculum_defaults(config: Config | None = None) -> CurriculumSection:
+    """The ``curriculum`` section of ``config`` (default: params.yaml's)."""
+    return resolve(config).curriculum
 
 
-class ExplorationSection(_Section):
-    grid_cells: int = Field(ge=2, le=32)
-    """Coverage grid is grid_cells x grid_cells at every workspace size (constant observation)."""
-    num_resources: int = Field(ge=1, le=16)
-    """Hidden resources per episode."""
-    detect_radius: float = Field(gt=0.0)
-    """A resource is found when the agent comes this close (m)."""
-    scan_radius: float = Field(gt=0.0)
-    """The scanner tool finds resources this close (m), at the cost of a step."""
-    coverage_target: float = Field(gt=0.0, le=1.0)
-    """Coverage that, with every resource found, completes the task."""
-    resource_value: float = Field(ge=0.0)
-    """A found resource is worth this many new cells in the exploration bonus."""
-
-
-class MultiAgentSection(_Section):
-    num_agents: int = Field(ge=2, le=8)
-    """Agents per team (rows per copy); fixed across stages, so the observation size is too."""
-    formation_radius: float = Field(gt=0.0)
-    """Agents keep a regular polygon of this radius around the team centroid (m)."""
-    formation_tolerance: float = Field(gt=0.0)
-    """Slot error under which an agent counts as in formation, and the goal as reached (m)."""
-    comm_levels: int = Field(ge=2, le=8)
-    """Levels of the communication signal; the top level is the 'ready' signal."""
-
-
-class ManipulationSection(_Section):
-    joint_velocity_limit: float = Field(gt=0.0)
-    """Joint speed limit (rad/s); one discrete action moves one joint at this speed."""
-    joint_limit: float = Field(gt=0.0)
-    """Pitch joints move in [-joint_limit, joint_limit] rad; the base yaw in [-pi, pi]."""
-    reach_fraction: float = Field(gt=0.0, le=1.0)
-    """Arm reach as a fraction of half the smaller horizontal workspace side."""
-    target_radius: float = Field(gt=0.0)
-    """End-effector distance to the target that counts as reached, as a fraction of the reach."""
-    grasp_radius: float = Field(gt=0.0)
-    """End-effector distance to the tool at which the gripper catches it, fraction of the reach."""
-    obstacle_radius: float = Field(gt=0.0)
-    """Radius of the spherical obstacles, as a fraction of the reach."""
-
-
-class TasksSection(_Section):
-    dt: float = Field(gt=0.0)
-    """Seconds per environment step: the step limit is ceil(time_limit / dt)."""
-    agent_radius: float = Field(gt=0.0)
-    """Radius of a mobile agent's body (m)."""
-    obstacle_radius: tuple[float, float]
-    """Obstacle radii (m) of the planar tasks are drawn uniformly from this range."""
-    safety_distance: float = Field(ge=0.0)
-    """Clearance (m) under which the near-obstacle speed limit applies."""
-    max_velocity_near_obstacle: float = Field(gt=0.0)
-    """Speed limit near obstacles and teammates (m/s)."""
-    min_agent_distance: float = Field(ge=0.0)
-    """Teammates closer than this count as 'near' for the speed limit (m)."""
-    range_sensors: int = Field(ge=0, le=64)
-    """Rays of the range sensor (evenly spread); without vision their slots read 1 (nothing sensed)."""
-    sensor_range: float = Field(gt=0.0)
-    """Maximum range of a ray (m); readings are divided by it."""
-    navigation: NavigationSection
-    exploration: ExplorationSection
-    multi_agent: MultiAgentSection
-    manipulation: ManipulationSection
-
-
-for _name, _model in (
-    ("rewards", RewardSection),
-    ("curriculum", CurriculumSection),
-    ("tasks", TasksSection),
-):
-    register_section(_name, _model)
-
-
-@functools.cache
-def reward_defaults() -> RewardSection:
-    return load_section("rewards", RewardSection, load_raw())  # type: ignore[return-value]
-
-
-@functools.cache
-def curriculum_defaults() -> CurriculumSection:
-    return load_section("curriculum", CurriculumSection, load_raw())  # type: ignore[return-value]
-
-
-@functools.cache
-def task_settings() -> TasksSection:
-    return load_section("tasks", TasksSection, load_raw())  # type: ignore[return-value]
+def task_settings(config: Config | None = None) -> TasksSection:
+    """The ``tasks`` section of ``config`` (default: params.yaml's)."""
+    return resolve(config).tasks

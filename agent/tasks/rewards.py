@@ -30,7 +30,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from agent.tasks.params import reward_defaults
+from agent.config import Config
+from agent.config_sections import RewardSection
+from agent.tasks.params import resolve, reward_defaults
 from agent.tasks.types import TaskType
 
 Signal = Callable[[Any, Any, Any, Mapping[str, Any]], Any]
@@ -58,7 +60,8 @@ def _default(name: str) -> Callable[[], float]:
 
 @dataclasses.dataclass(frozen=True)
 class RewardConfig:
-    """Component weights; the defaults (the spec's) come from params.yaml ``rewards``."""
+    """Component weights. Fields not given take the ``rewards`` section of params.yaml (the
+    spec's defaults); :meth:`from_config` takes them from a resolved config instead."""
 
     base_reward: float = dataclasses.field(default_factory=_default("base_reward"))
     time_penalty: float = dataclasses.field(default_factory=_default("time_penalty"))
@@ -79,13 +82,28 @@ class RewardConfig:
                 raise RewardError(f"RewardConfig.{field.name} is a bonus and must be >= 0, got {value}")
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any] | None) -> RewardConfig:
-        """A config from a dict (a params file, a checkpoint); unknown keys are an error."""
+    def from_mapping(
+        cls, values: Mapping[str, Any] | None, *, config: Config | RewardSection | None = None
+    ) -> RewardConfig:
+        """A config from a dict (a params file, a checkpoint); unknown keys are an error. Keys
+        not given come from ``config`` (a resolved Config or its ``rewards`` section) if given,
+        else from params.yaml."""
         values = dict(values or {})
         known = {f.name for f in dataclasses.fields(cls)}
         if set(values) - known:
             raise RewardError(f"unknown reward settings {sorted(set(values) - known)}; known: {sorted(known)}")
+        if config is not None:
+            section = config.rewards if isinstance(config, Config) else config
+            if not isinstance(section, RewardSection):
+                raise RewardError(f"config must be a Config or its rewards section, got {type(config).__name__}")
+            values = {**{k: v for k, v in section.model_dump().items() if k in known}, **values}
         return cls(**values)
+
+    @classmethod
+    def from_config(cls, config: Config | RewardSection | None = None, **overrides: Any) -> RewardConfig:
+        """The weights of a resolved config's ``rewards`` section (default: params.yaml's), with
+        any keyword replacing one of them."""
+        return cls.from_mapping(overrides, config=config if config is not None else resolve(None))
 
     def to_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)
@@ -136,16 +154,22 @@ class TaskRewardManager:
     def __init__(
         self,
         task_type: Any = TaskType.NAVIGATION,
-        config: RewardConfig | None = None,
+        config: RewardConfig | Config | None = None,
         *,
         resource_value: float | None = None,
         history: int = 1000,
     ) -> None:
+        """``config``: the weights (a RewardConfig), or a resolved :class:`agent.config.Config`
+        whose ``rewards`` give them and whose ``tasks.exploration.resource_value`` is the default
+        of ``resource_value``; None: params.yaml's."""
         task = TaskType.parse(task_type)
         if task is None:
             raise RewardError(f"unknown task type {task_type!r}")
+        resolved: Config | None = None
+        if isinstance(config, Config):
+            resolved, config = config, RewardConfig.from_config(config)
         if config is not None and not isinstance(config, RewardConfig):
-            raise RewardError(f"config must be a RewardConfig, got {type(config).__name__}")
+            raise RewardError(f"config must be a RewardConfig or a Config, got {type(config).__name__}")
         if history < 1:
             raise RewardError(f"history must be >= 1, got {history}")
         self.task_type = task
@@ -156,9 +180,7 @@ class TaskRewardManager:
         self._column = self.weights[:, None]
         self._signals: list[Signal] = [self._signal_for(c) for c in self.order]
         if resource_value is None:
-            from agent.tasks.params import task_settings
-
-            resource_value = task_settings().exploration.resource_value
+            resource_value = resolve(resolved).tasks.exploration.resource_value
         self.resource_value = float(resource_value)
         self._history = history
         self.reset_metrics()

@@ -695,7 +695,9 @@ class ActionSpaceFactory:
     """Builds the action space of a task from the training configuration (the spec's keys)."""
 
     @staticmethod
-    def create_action_space(task_type: Any = "navigation", num_agents: int = 1, **config: Any) -> ActionSpace:
+    def create_action_space(
+        task_type: Any = "navigation", num_agents: int = 1, *, config: Any = None, **options: Any
+    ) -> ActionSpace:
         """The action space of ``task_type``: a TaskType or its name; the multi-agent space is
         also ``"cooperative"`` (or ``"multi-agent"``), as the spec calls it.
 
@@ -706,11 +708,13 @@ class ActionSpaceFactory:
         ``"cooperative"`` with ``num_agents=1`` gives the multi-agent task's team
         (``tasks.multi_agent.num_agents``).
 
-        ``config``: ``action_bounds`` ({velocity, acceleration, joint_velocity,
-        joint_position, communication: [low, high]}), ``safety_constraints``
+        ``options`` (the spec's configuration keys): ``action_bounds`` ({velocity, acceleration,
+        joint_velocity, joint_position, communication: [low, high]}), ``safety_constraints``
         ({max_velocity_near_obstacle, safety_distance, min_agent_distance}), ``tool`` (bool),
-        ``seed``. Unset values come from params.yaml (``tasks``)."""
-        from agent.tasks.params import task_settings
+        ``seed``. Unset values come from ``config``: a resolved :class:`agent.config.Config` or
+        its ``tasks`` section (None: params.yaml's)."""
+        from agent.config import Config
+        from agent.tasks.params import TasksSection, task_settings
 
         task = _space_task(task_type)
         if not isinstance(num_agents, int) or num_agents < 1:
@@ -720,19 +724,24 @@ class ActionSpaceFactory:
                 f"{task.value} has no multi-agent action space (num_agents={num_agents}): "
                 "ask for task_type='cooperative' for a team"
             )
-        unknown = set(config) - {"action_bounds", "safety_constraints", "tool", "seed"}
+        unknown = set(options) - {"action_bounds", "safety_constraints", "tool", "seed"}
         if unknown:
             raise ActionSpaceError(f"unknown action-space settings {sorted(unknown)}")
-        bounds = dict(config.get("action_bounds") or {})
-        safety = dict(config.get("safety_constraints") or {})
+        bounds = dict(options.get("action_bounds") or {})
+        safety = dict(options.get("safety_constraints") or {})
         for name, allowed, given in (("action_bounds", _BOUND_KEYS, bounds), ("safety_constraints", _SAFETY_KEYS, safety)):
             if set(given) - allowed:
                 raise ActionSpaceError(f"unknown {name} keys {sorted(set(given) - allowed)}; known: {sorted(allowed)}")
-        settings = task_settings()
+        if config is None or isinstance(config, Config):
+            settings = task_settings(config)
+        elif isinstance(config, TasksSection):
+            settings = config
+        else:
+            raise ActionSpaceError(f"config must be a Config or its tasks section, got {type(config).__name__}")
         velocity = _pair(bounds.get("velocity", (-1.0, 1.0)), "velocity")
         near_speed = float(safety.get("max_velocity_near_obstacle", settings.max_velocity_near_obstacle))
         safety_distance = float(safety.get("safety_distance", settings.safety_distance))
-        seed = config.get("seed")
+        seed = options.get("seed")
         if task is TaskType.MANIPULATION:
             manip = settings.manipulation
             joint_velocity = _pair(bounds.get("joint_velocity", (-manip.joint_velocity_limit, manip.joint_velocity_limit)), "joint_velocity")
@@ -741,7 +750,7 @@ class ActionSpaceFactory:
             return ManipulationActionSpace(
                 velocity_limit=min(-joint_velocity[0], joint_velocity[1]),
                 joint_limits=(np.r_[-np.pi, [joints[0]] * 6], np.r_[np.pi, [joints[1]] * 6]),
-                gripper=bool(config.get("tool", False)),
+                gripper=bool(options.get("tool", False)),
                 seed=seed,
             )
         if task is TaskType.MULTI_AGENT or num_agents > 1:  # a team (see the docstring)
@@ -764,6 +773,6 @@ class ActionSpaceFactory:
             max_velocity_near_obstacle=near_speed,
             safety_distance=safety_distance,
             acceleration_bounds=acceleration,
-            tool=bool(config.get("tool", task is TaskType.EXPLORATION)),
+            tool=bool(options.get("tool", task is TaskType.EXPLORATION)),
             seed=seed,
         )

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -144,3 +145,17 @@ def shared_memory_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[M
         yield server
     finally:
         server.kill()
+
+
+def transitions(n: int, dim: int, seed: int = 0, start: int = 0) -> dict[str, np.ndarray]:
+    """Rows whose obs[:, 0] is their position in the stream, so order and identity are checkable."""
+    rng = np.random.default_rng(seed)
+    obs = rng.standard_normal((n, dim)).astype(np.float32)
+    obs[:, 0] = np.arange(start, start + n)
+    return {
+        "obs": obs,
+        "actions": rng.integers(0, 3, n),
+        "rewards": rng.standard_normal(n).astype(np.float32),
+        "next_obs": obs + 0.5,
+        "dones": (rng.random(n) < 0.2).astype(np.float32),
+    }

@@ -19,7 +19,7 @@ import pytest
 from agent.memory_client import MemoryClient, ReplayBatch, SimilarExperiences
 from memory import wire
 from tests.integration import memory_fixtures
-from tests.integration.memory_fixtures import REPO, MemoryServer, free_port
+from tests.integration.memory_fixtures import REPO, MemoryServer, free_port, transitions
 
 memory_server = memory_fixtures.memory_server  # a fresh service per test, for crash tests
 
@@ -41,20 +41,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
 def http(server: MemoryServer) -> Any:
     with server.client() as client:
         yield client
-
-
-def transitions(n: int, dim: int, seed: int = 0, start: int = 0) -> dict[str, np.ndarray]:
-    """Rows whose obs[:, 0] is their position in the stream, so order and identity are checkable."""
-    rng = np.random.default_rng(seed)
-    obs = rng.standard_normal((n, dim)).astype(np.float32)
-    obs[:, 0] = np.arange(start, start + n)
-    return {
-        "obs": obs,
-        "actions": rng.integers(0, 3, n),
-        "rewards": rng.standard_normal(n).astype(np.float32),
-        "next_obs": obs + 0.5,
-        "dones": (rng.random(n) < 0.2).astype(np.float32),
-    }
 
 
 def create(http: httpx.Client, name: str, dim: int, **options: Any) -> dict[str, Any]:

@@ -45,13 +45,13 @@ def test_gradients_equal_autograd(activation: str, double_dqn: bool, loss: str) 
     target = LearningNetwork(6, 4, hidden_layers=(16, 8, 12), activation=activation)
     batch_size = 32
     agent = LearningAgent(6, 4, hidden_size=8, train_overrides={"double_dqn": double_dqn, "loss": loss})
-    agent.q_network, agent.target_network = online, target
+    agent.learner.q_network, agent.learner.target_network = online, target
     obs, next_obs = torch.randn(batch_size, 6), torch.randn(batch_size, 6)
     batch = Transitions(obs, torch.randint(0, 4, (batch_size,)), 3 * torch.randn(batch_size), next_obs,
                         (torch.rand(batch_size) < 0.3).float())
     weights = torch.rand(batch_size)
 
-    expected_loss, expected_q, _ = agent._td_loss(batch, gamma=0.9)
+    expected_loss, expected_q, _ = agent.learner.td_loss(batch, gamma=0.9)
     expected = torch.autograd.grad((expected_loss * weights).sum(), list(online.parameters()))
 
     closed = ClosedFormTD(online, target, double_dqn=double_dqn, loss=loss)
@@ -66,7 +66,7 @@ def test_gradients_equal_autograd(activation: str, double_dqn: bool, loss: str) 
 
 def test_training_with_either_path_ends_with_the_same_weights() -> None:
     closed, autograd = _agent(True), _agent(False)
-    assert closed._closed_form is not None and autograd._closed_form is None
+    assert closed.learner.uses_closed_form and not autograd.learner.uses_closed_form
     for agent in (closed, autograd):
         _fill(agent)
         _shift_target(agent)
@@ -80,11 +80,11 @@ def test_training_with_either_path_ends_with_the_same_weights() -> None:
 
 
 def test_networks_without_a_closed_form_use_autograd() -> None:
-    assert LearningAgent(4, 2, hidden_size=8)._closed_form is not None  # the default MLP: fast path
+    assert LearningAgent(4, 2, hidden_size=8).learner.uses_closed_form  # the default MLP: fast path
     rng = np.random.default_rng(1)
     obs = rng.normal(size=(64, 4)).astype(np.float32)
     for override in ("network.dueling=true", "network.dropout=0.1", "network.activation=elu"):
         agent = LearningAgent(4, 2, config=load_config(overrides=[override, "network.hidden_size=8"]))
-        assert agent._closed_form is None, override
+        assert not agent.learner.uses_closed_form, override
         asyncio.run(agent.store_experience(obs, rng.integers(0, 2, 64), rng.normal(size=64), obs, np.zeros(64)))
         assert asyncio.run(agent.learn_from_experiences(gradient_steps=2)) is not None

@@ -98,7 +98,7 @@ def test_trainer_rebuilds_the_task_at_the_new_stage(small_config, tmp_path):
     assert trainer.envs is not first_envs
     assert trainer.envs.params == _stage_params("intermediate")
     vision = trainer.envs.layout.slices["vision"]
-    assert np.all(trainer._obs[:, vision] == 1.0)  # intermediate observations carry range sensors
+    assert np.all(trainer.collector.obs[:, vision] == 1.0)  # intermediate observations carry range sensors
     assert trainer.summary()["stage_transitions"][0]["from"] == "beginner"
 
     # The checkpoint holds the stage; a trainer built from it starts at that stage, not at beginner.

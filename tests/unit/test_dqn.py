@@ -95,7 +95,7 @@ def test_double_dqn_target_uses_online_argmax_and_target_value():
         for p in agent.target_network.parameters():
             p.add_(torch.randn_like(p))
     batch = agent.buffer.sample(6)
-    loss, q_taken = agent._per_sample_loss(batch, gamma=0.9)
+    loss, q_taken = agent.learner.td_loss(batch, gamma=0.9)[:2]
     with torch.no_grad():
         best = agent.q_network(batch.next_obs).argmax(1, keepdim=True)
         expected_target = batch.rewards + 0.9 * (1 - batch.dones) * agent.target_network(batch.next_obs).gather(1, best).squeeze(1)
@@ -171,11 +171,11 @@ class _FakeMemory:
         self.stored = 0
         self.requests = 0
 
-    async def store_transitions(self, obs, actions, rewards, next_obs, dones) -> None:
+    def write_transitions(self, obs, actions, rewards, next_obs, dones) -> None:
         assert obs.shape[0] == actions.shape[0] == rewards.shape[0] == next_obs.shape[0] == dones.shape[0]
         self.stored += obs.shape[0]
 
-    async def get_replay_batch(self, batch_size: int = 32, **_):
+    def sample_replay(self, batch_size: int = 32, **_):
         self.requests += 1
         if not self.available:
             return None

@@ -39,17 +39,17 @@ class FakeMemory:
             weights=np.full(n, 0.5, np.float32),
         )
 
-    async def get_replay_batch(
+    def sample_replay(
         self, batch_size: int = 32, *, prioritized: bool = False, beta: float = 0.4
     ) -> ReplayBatch:
         self.sample_calls.append({"batch_size": batch_size, "prioritized": prioritized, "beta": beta})
         obs = self.rng.normal(size=(batch_size, self.dim))
         return self._batch(obs, np.arange(batch_size) + 100 * len(self.sample_calls))
 
-    async def update_priorities(self, ids: Any, priorities: Any) -> None:
+    def send_priorities(self, ids: Any, priorities: Any) -> None:
         self.priority_updates.append((np.asarray(ids), np.asarray(priorities)))
 
-    async def search_similar(self, states: Any, k: int = 5) -> SimilarExperiences:
+    def find_similar(self, states: Any, k: int = 5) -> SimilarExperiences:
         queries = np.asarray(states, dtype=np.float32)
         self.searches.append((queries, k))
         obs = np.repeat(queries, k, axis=0)
@@ -60,7 +60,7 @@ class FakeMemory:
             self._batch(obs, np.arange(len(obs))), np.zeros(len(obs), np.float32), query_index
         )
 
-    async def store_transitions(self, *arrays: Any) -> None:
+    def write_transitions(self, *arrays: Any) -> None:
         pass
 
 
@@ -94,7 +94,7 @@ def test_priorities_are_the_absolute_td_errors_of_the_memory_rows() -> None:
     # step started from.
     agent.q_network.load_state_dict(before)
     _, priorities = memory.priority_updates[0]
-    sampled = asyncio.run(FakeMemory().get_replay_batch(5))  # same seed: the batch it was given
+    sampled = FakeMemory().sample_replay(5)  # same seed: the batch it was given
     q = agent.q_values(sampled.obs).gather(1, torch.as_tensor(sampled.actions)[:, None]).squeeze(1)
     np.testing.assert_allclose(priorities, (q - 3.0).abs().numpy() + 1e-6, rtol=1e-4, atol=1e-5)
 

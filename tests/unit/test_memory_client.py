@@ -273,3 +273,77 @@ def test_a_client_from_a_whole_config_is_seeded_and_auto_means_a_collection_of_i
     finally:
         for client in clients:
             client.shutdown(0)
+
+
+# ------------------------------------------------------------------------------ blocking API
+def test_the_blocking_api_checks_and_queues_rows_like_the_async_one(
+    nowhere: str, tmp_path: Path
+) -> None:
+    with MemoryClient(nowhere, outbox_dir=tmp_path, close_timeout=0) as client:
+        with pytest.raises(ValueError, match="dones must be 0 or 1"):
+            client.write_transitions(**{**rows(2), "dones": np.array([0.0, 0.5])})
+        client.write_transitions(**rows(3), episode_returns=np.array([1.0, np.nan, 2.0]))
+        client.write_transitions(*(torch.as_tensor(v) for v in rows(2).values()))
+        assert client.metrics()["queued_writes"] == 5
+    with pytest.raises(RuntimeError, match="closed"):
+        client.write_transitions(**rows(1))
+
+
+def test_a_down_service_costs_blocking_reads_nothing(nowhere: str, tmp_path: Path) -> None:
+    client = MemoryClient(nowhere, outbox_dir=tmp_path, breaker_reset=10.0)
+    try:
+        client.write_transitions(**rows(5))
+        assert client.deliver(timeout=0.2) is False  # refused at once: the breaker opens
+        deadline = time.monotonic() + 10  # a guard against hanging, not a timing assertion
+        while not client.metrics()["breaker_open"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert client.metrics()["breaker_open"] == 1.0
+        assert client.sample_replay(8) is None
+        assert client.find_similar(np.zeros(3), k=2) is None
+        assert client.is_healthy() is False
+        client.send_priorities([1, 2], [0.5, 0.5])
+        after = client.metrics()
+        assert after["reads_skipped"] == 2 and after["read_failures"] == 0
+        assert after["priority_updates_skipped"] == 1
+    finally:
+        client.shutdown(0)
+
+
+def test_blocking_reads_that_fail_count_as_failures_and_return_none(
+    nowhere: str, tmp_path: Path
+) -> None:
+    with MemoryClient(nowhere, outbox_dir=tmp_path, failure_threshold=100) as client:
+        assert client.sample_replay(8) is None
+        assert client.find_similar(np.zeros((2, 3)), k=2) is None
+        assert client.is_healthy() is False
+        assert client.metrics()["read_failures"] == 3
+        with pytest.raises(ValueError, match="batch_size"):
+            client.sample_replay(0)
+        with pytest.raises(ValueError, match="k must be"):
+            client.find_similar(np.zeros(3), k=0)
+        with pytest.raises(ValueError, match="ids but"):
+            client.send_priorities([1, 2], [0.5])
+        assert client.deliver(timeout=0) is True  # nothing queued
+
+
+def test_one_operation_body_waits_blocking_or_awaiting() -> None:
+    """The drivers behind the two APIs: same answers, and a failure surfaces where it waited."""
+    from concurrent.futures import Future
+
+    from agent.memory_client.steps import Blocking, run_async, run_blocking
+
+    def operation(fail: bool):  # type: ignore[no-untyped-def]
+        done: Future[int] = Future()
+        if fail:
+            done.set_exception(KeyError("lost"))
+        else:
+            done.set_result(2)
+        try:
+            first = yield done
+        except KeyError:
+            first = -1
+        second = yield Blocking(lambda a, b: a * b, (first, 5))
+        return first, second
+
+    assert run_blocking(operation(False)) == asyncio.run(run_async(operation(False))) == (2, 10)
+    assert run_blocking(operation(True)) == asyncio.run(run_async(operation(True))) == (-1, -5)

@@ -28,7 +28,7 @@ from agent import (
     TrainingManager,
 )
 from agent.checkpoint import load_checkpoint_file
-from agent.config import load_config
+from agent.config import MetaConfig, load_config
 from agent.meta import apply_live_hyperparameters, match_features, resolve_task, transfer_weights
 from agent.tasks import CurriculumManager, DifficultyLevel, task_spaces
 
@@ -79,6 +79,23 @@ def test_the_spec_constructor_and_options_read_params_yaml():
         MetaLearningManager(base_config={"optimisation_metric": "mean_reward"})
     with pytest.raises(MetaLearningError, match="pruner"):
         MetaLearningManager(base_config={"pruner": "sometimes"})
+
+
+def test_search_options_are_defined_once_by_the_meta_section():
+    """OptimizationConfig takes each field's type, bounds and description from the ``meta`` key of
+    the same name, and its defaults from the section's values."""
+    meta_fields = MetaConfig.model_fields
+    for option, field in OptimizationConfig.model_fields.items():
+        source = meta_fields["optimization_metric" if option == "metric" else option]
+        assert (field.annotation, field.metadata, field.description) == (
+            source.annotation, source.metadata, source.description
+        ), option
+    meta = load_config().meta
+    assert OptimizationConfig(trials=3) == OptimizationConfig.from_meta(meta, n_trials=3)
+    with pytest.raises(MetaLearningError, match="n_jobs"):
+        OptimizationConfig.from_meta(meta, n_jobs=0)  # the section's bound
+    with pytest.raises(ValueError, match="not both"):
+        OptimizationConfig(trials=3, n_trials=4)
 
 
 def test_task_names_resolve_to_concrete_tasks():
@@ -152,69 +169,6 @@ def test_a_diverging_trial_is_pruned_and_the_search_goes_on(tmp_path):
     assert diverged.state == Trial.PRUNED and "nan" in diverged.user_attrs["diverged"]
     assert normal.state == Trial.COMPLETE and math.isfinite(normal.value)
     assert (result.trials_diverged, result.trials_failed, result.best_value) == (1, 0, normal.value)
-
-
-def _worker(storage: str, seed: int, results) -> None:
-    """One search process: what ``lagent optimize --storage ... --seed N`` runs."""
-    config = load_config(overrides=["network.hidden_size=32", "train.learning_starts=64", f"run.seed={seed}"])
-    meta = MetaLearningManager({"storage_url": storage}, study_name="shared", config=config)
-    result = meta.search_hyperparameters("CartPole-v1", TINY)
-    results.put((seed, result.trials_run, result.trials_total))
-
-
-@pytest.mark.parametrize("backend", ["journal", "sqlite"])
-def test_two_worker_processes_share_one_study_without_losing_trials(tmp_path, backend):
-    """Worker processes (the CLI path is tested in test_meta_cli.py).
-
-    Spawned, not forked: a fork taken after Prefect's or MLflow's background threads have started
-    (an earlier test in the same session) leaves the child unable to shut down cleanly.
-    """
-    import multiprocessing
-
-    storage = f"journal:{tmp_path / 'study.journal'}" if backend == "journal" else f"sqlite:///{tmp_path / 'study.db'}"
-    meta = manager(tmp_path, storage=storage, study="shared")
-    meta.create_study(OptimizationType.HYPERPARAMETERS, TINY, "CartPole-v1")  # once, before the workers
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    workers = [context.Process(target=_worker, args=(storage, seed, results)) for seed in (1, 2)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(timeout=120)
-        assert worker.exitcode == 0
-    reports = sorted(results.get(timeout=5) for _ in workers)
-    assert [trials_run for _, trials_run, _ in reports] == [2, 2]
-    trials = meta.load_study(OptimizationType.HYPERPARAMETERS, "CartPole-v1").trials
-    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
-    assert all(t.state in (Trial.COMPLETE, Trial.PRUNED) for t in trials)
-    # Different seeds: the two workers did not try the same settings.
-    assert len({tuple(sorted(t.params.items())) for t in trials}) == 4
-
-
-def _create(storage: str, barrier, results) -> None:
-    barrier.wait()  # all at once, on a database that does not exist yet
-    try:
-        study = MetaLearningManager({"storage_url": storage}, study_name="race").create_study("hyperparameters")
-        results.put(study.study_name)
-    except Exception as exc:  # reported to the test, which names it
-        results.put(f"{type(exc).__name__}: {exc}")
-
-
-def test_processes_creating_a_new_sqlite_study_at_once_all_get_it(tmp_path):
-    import multiprocessing
-
-    context = multiprocessing.get_context("spawn")
-    barrier, results = context.Barrier(3), context.Queue()
-    storage = f"sqlite:///{tmp_path / 'race.db'}"
-    workers = [context.Process(target=_create, args=(storage, barrier, results)) for _ in range(3)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(timeout=60)
-        assert worker.exitcode == 0
-    names = {results.get(timeout=5) for _ in workers}
-    assert names == {"race/CartPole-v1/hyperparameters"}
-    assert len(optuna.get_all_study_names(storage)) == 1
 
 
 def test_parallel_threads_run_every_trial(tmp_path):

@@ -44,3 +44,28 @@ def test_state_dict_is_adams_and_round_trips():
     opt.step(net(x).sum(), None)
     other.step(other_net(x).sum(), None)
     assert torch.allclose(net.weight, other_net.weight)
+
+
+def test_the_public_fallback_steps_to_bitwise_the_same_weights():
+    from agent.optim import PublicAdam
+
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    fast, public = FastAdam(list(nets[0].parameters()), lr=0.01), PublicAdam(list(nets[1].parameters()), lr=0.01)
+    for _ in range(10):
+        x = torch.randn(8, 5)
+        norms = [opt.step(net(x).pow(2).mean(), 0.05) for opt, net in zip((fast, public), nets)]
+        assert torch.equal(norms[0], norms[1])
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        assert torch.equal(a, b)
+    assert all(p.grad is None for p in nets[1].parameters())  # no gradients left behind
+
+
+def test_without_the_private_kernel_the_public_optimizer_is_used(monkeypatch):
+    import agent.optim as optim
+
+    params = list(torch.nn.Linear(3, 2).parameters())
+    assert type(optim.make_adam(params, 0.01)) is FastAdam  # torch 2.13 has the kernel
+    monkeypatch.setattr(optim, "private_kernel_available", lambda: False)
+    assert type(optim.make_adam(params, 0.01)) is optim.PublicAdam

@@ -32,7 +32,7 @@ class Candidates:
         self.obs, self.returns = obs.astype(np.float32), returns.astype(np.float32)
         self.searches: list[tuple[int, int]] = []
 
-    async def search_similar(self, states: Any, k: int = 5) -> SimilarExperiences:
+    def find_similar(self, states: Any, k: int = 5) -> SimilarExperiences:
         queries = np.asarray(states, dtype=np.float32)
         self.searches.append((len(queries), k))
         n = min(k, len(self.obs))
@@ -71,7 +71,7 @@ def agent_with_one_query(*overrides: str) -> tuple[LearningAgent, np.ndarray]:
 
 def kept_ids(agent: LearningAgent, memory: Candidates) -> list[int]:
     local = agent.buffer.sample(4, num_batches=1)
-    (batch,) = asyncio.run(agent._similar_batches(memory, local))
+    (batch,) = agent.replay_sources(memory).similar.sample_near(local)
     assert batch is not None
     return [int(np.flatnonzero((memory.obs == row).all(axis=1))[0]) for row in batch.obs.numpy()]
 
@@ -128,13 +128,13 @@ class Recorder:
     def __init__(self) -> None:
         self.batches: list[tuple[np.ndarray, ...]] = []
 
-    async def store_transitions(self, *arrays: Any) -> None:
+    def write_transitions(self, *arrays: Any) -> None:
         self.batches.append(tuple(np.asarray(a) for a in arrays))
 
-    async def get_replay_batch(self, *args: Any, **kwargs: Any) -> None:
+    def sample_replay(self, *args: Any, **kwargs: Any) -> None:
         return None
 
-    async def search_similar(self, *args: Any, **kwargs: Any) -> None:
+    def find_similar(self, *args: Any, **kwargs: Any) -> None:
         return None
 
 

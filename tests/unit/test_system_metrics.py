@@ -47,7 +47,7 @@ def test_every_logging_window_reports_system_readings_and_throughput(small_confi
 def test_per_layer_gradient_norms_on_both_update_paths(small_config, closed_form):
     config = small_config("train.log_interval=100", f"train.closed_form_update={str(closed_form).lower()}")
     trainer, sink = train(config, tensorboard=False)
-    assert (trainer.agent._closed_form is not None) is closed_form
+    assert trainer.agent.learner.uses_closed_form is closed_form
     rows = [row for _, row in sink.rows if "train/grad_norm" in row]
     assert rows
     for row in rows:
@@ -202,13 +202,13 @@ class _TimedMemory:
     def __init__(self) -> None:
         self.windows = 0
 
-    async def store_transitions(self, *arrays: Any) -> None:
+    def write_transitions(self, *arrays: Any) -> None:
         pass
 
-    async def get_replay_batch(self, *args: Any, **kwargs: Any) -> None:
+    def sample_replay(self, *args: Any, **kwargs: Any) -> None:
         return None
 
-    async def search_similar(self, *args: Any, **kwargs: Any) -> None:
+    def find_similar(self, *args: Any, **kwargs: Any) -> None:
         return None
 
     def metrics(self) -> dict[str, float]:

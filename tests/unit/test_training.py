@@ -72,7 +72,7 @@ def test_stored_transitions_never_cross_an_episode_boundary(small_config, same_s
     asyncio.run(trainer.train(total_timesteps=2000))
     assert 2000 <= trainer.global_step < 2004
     data = trainer.agent.buffer.state_dict()["data"]
-    assert len(data["dones"]) == trainer.global_step == sum(trainer.episode_lengths) + int(trainer._ep_length.sum())
+    assert len(data["dones"]) == trainer.global_step == sum(trainer.episode_lengths) + int(trainer.collector.ep_length.sum())
 
     def fallen(obs: torch.Tensor) -> torch.Tensor:  # CartPole's termination condition
         return (obs[:, 0].abs() > 2.4) | (obs[:, 2].abs() > 12 * 2 * np.pi / 360)
@@ -220,8 +220,8 @@ def test_final_model_best_ends_with_the_best_evaluated_weights(small_config, tmp
     seen = []
     original = trainer._periodic_evaluation
 
-    async def spy():
-        await original()
+    def spy():
+        original()
         seen.append((trainer.evaluations[-1][1], weights(trainer).clone()))
 
     trainer._periodic_evaluation = spy
