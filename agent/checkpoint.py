@@ -141,6 +141,7 @@ class ArchitectureSchema(_Schema):
     activation: str = "relu"
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     dueling: bool = False
+    normalize_obs: bool = False
 
 
 class ParamGroupSchema(_Schema):
@@ -183,6 +184,7 @@ class TrainerSchema(_Schema):
     episodes_done: Count
     epsilon: float
     exploration_steps: Count | None
+    planned_steps: Count | None = None
     steps_since_train: Count
     episode_rewards: Tensor
     episode_lengths: Tensor
@@ -255,7 +257,7 @@ class _Checker:
         expected = {name: (tuple(p.shape), p.dtype) for name, p in network.state_dict().items()}
         self.tensors("agent.q_network", agent.q_network, expected)
         self.tensors("agent.target_network", agent.target_network, expected)
-        self.optimizer(agent.optimizer, [shape for shape, _ in expected.values()])
+        self.optimizer(agent.optimizer, [tuple(p.shape) for p in network.parameters()])  # not buffers
         self.numpy_rng("agent.rng", agent.rng)
         if agent.dropout_rng is not None:
             self.generator("agent.dropout_rng", agent.dropout_rng, self.device)

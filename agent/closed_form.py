@@ -9,6 +9,10 @@ half the time per update.
 
 Only plain MLPs take this path (no dueling head, no dropout, an activation whose derivative is
 read off its output); anything else goes through autograd in ``agent.learner.Learner``.
+
+A network that normalises observations has them standardised once, with the online network's
+statistics (which the target network shares), before both networks' forward passes: the inputs
+are constants of the update, the gradients are those of the weights.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from agent.network import TORCH_LINEAR, Layer, LearningNetwork, q_forward
+from agent.network import TORCH_LINEAR, Layer, LearningNetwork, normalize_obs, q_forward
 from agent.replay import Transitions
 
 _aten = torch.ops.aten
@@ -42,6 +46,7 @@ class ClosedFormTD:
         self._online = _layers(online)
         self._target = _layers(target)
         self._activation, self._activation_backward = _ACTIVATIONS[online.architecture.activation]
+        self._normalization = online.normalization()  # live buffers: updated in place
         self._double = double_dqn
         self._huber = loss == "huber"
         # Gradients come back as weight, bias per layer: that must be ``parameters()``'s order,
@@ -69,14 +74,20 @@ class ClosedFormTD:
         """
         n = batch.obs.shape[0]
         activations: list[torch.Tensor] = []
-        if self._double:
+        if self._normalization is None:
+            obs, next_obs = batch.obs, batch.next_obs
+            both = torch.cat([obs, next_obs]) if self._double else None
+        else:  # once, before every forward pass; the online network's statistics are the target's
+            both = normalize_obs(torch.cat([batch.obs, batch.next_obs]), *self._normalization)
+            obs, next_obs = both[:n], both[n:]
+        if both is not None and self._double:
             # One pass over states and next states: the next-state half picks the target's action.
-            q_both = self._forward(self._online, torch.cat([batch.obs, batch.next_obs]), activations)
+            q_both = self._forward(self._online, both, activations)
             q_all, best = q_both[:n], q_both[n:].argmax(dim=1, keepdim=True)
-            next_value = self._forward(self._target, batch.next_obs).gather(1, best).squeeze(1)
+            next_value = self._forward(self._target, next_obs).gather(1, best).squeeze(1)
         else:
-            q_all = self._forward(self._online, batch.obs, activations)
-            next_value = self._forward(self._target, batch.next_obs).max(dim=1).values
+            q_all = self._forward(self._online, obs, activations)
+            next_value = self._forward(self._target, next_obs).max(dim=1).values
         target = torch.addcmul(batch.rewards, 1.0 - batch.dones, next_value, value=gamma)
         index = batch.actions.unsqueeze(1)
         q_taken = q_all.gather(1, index).squeeze(1)
@@ -90,7 +101,7 @@ class ClosedFormTD:
         grad_q = torch.zeros_like(q_all).scatter_(1, index, (d_loss * sample_scale).unsqueeze(1))
 
         grads: list[torch.Tensor] = []
-        inputs = [batch.obs] + [a[:n] for a in activations]
+        inputs = [obs] + [a[:n] for a in activations]
         grad_out = grad_q
         for depth in range(len(self._online) - 1, -1, -1):
             weight, _ = self._online[depth]

@@ -6,6 +6,13 @@ Memory-service client, or anything with ``add(obs, actions, rewards, next_obs, d
 finished episodes (team return, length, task metrics) back to whoever runs it, and knows nothing
 of gradients, optimizers or budgets.
 
+n-step returns (``replay.n_step``) are built here, per environment copy: the collector is the
+one part that sees which copy a row came from, whether its episode terminated or was truncated,
+and when episodes are cut from outside (a curriculum stage, a restart), and a remote actor sends
+finished n-step rows as Ape-X's do. Sinks that set ``n_step_rows`` (the local buffer) get the
+n-step rows of :mod:`agent.nstep`; every other sink (the Memory service's) gets the 1-step rows,
+as before. The open windows are part of the collector's state, so a resumed run is the same run.
+
 It is also the unit a distributed run places on remote actors, so it can be built from a config
 and a state dict alone (:meth:`Collector.from_state`) and pickles to exactly that: the
 environments, and the sinks (which hold connections), are rebuilt or reattached on the far side.
@@ -21,6 +28,7 @@ import numpy as np
 import torch
 
 from agent.config import Config, config_from_dict
+from agent.nstep import NStepWindows
 from agent.policy import EpsilonGreedy
 from agent.tasks import (
     TaskParameters,
@@ -33,7 +41,11 @@ from agent.tasks import (
 
 
 class TransitionSink(Protocol):
-    """Where a step's transitions go (the local buffer has this method already)."""
+    """Where a step's transitions go (the local buffer has this method already).
+
+    A sink gets 1-step rows unless it has ``n_step_rows = True``: then, with ``replay.n_step``
+    above 1, it gets n-step rows whose ``dones`` column is a bootstrap mask (see
+    :mod:`agent.nstep`)."""
 
     def add(self, obs: Any, actions: Any, rewards: Any, next_obs: Any, dones: Any) -> None: ...
 
@@ -170,6 +182,23 @@ class Collector:
         self.actions_taken = 0
         self.invalid_actions = 0
         self.clipped_actions = 0
+        self.n_step_windows: NStepWindows | None = self._windows_for(config)
+
+    def _windows_for(self, config: Config) -> NStepWindows | None:
+        n = config.replay.n_step
+        return NStepWindows(n, config.train.gamma, self.envs.num_envs) if n > 1 else None
+
+    def _follow_n_step_settings(self) -> None:
+        """``replay.n_step`` or ``train.gamma`` changed during a run (the trainer's reconfigure):
+        the open windows are emitted under the new settings as cut short, and new ones begin."""
+        config = self.config
+        wanted = (config.replay.n_step, config.train.gamma)
+        old = self.n_step_windows
+        if (old is None and wanted[0] == 1) or (old is not None and old.settings == wanted):
+            return
+        self.n_step_windows = self._windows_for(config)
+        if old is not None and self.obs is not None:
+            self._write_n_step(old.close_all(self.obs, settings=wanted))
 
     # ------------------------------------------------------------------ building
 
@@ -260,15 +289,19 @@ class Collector:
         held = self.episode_sink
         if held is not None:
             held.add(valid, obs, actions, rewards, real_next, terminated)
+        self._follow_n_step_settings()
         if valid is None or valid.all():
-            self._write(obs, actions, rewards, real_next, terminated)
+            self._write(None, obs, actions, rewards, real_next, terminated, truncated)
             n_valid = len(actions)
             self.ep_return += rewards
             self.ep_length += 1
         else:
             n_valid = int(valid.sum())
             if n_valid:
-                self._write(obs[valid], actions[valid], rewards[valid], real_next[valid], terminated[valid])
+                self._write(
+                    valid, obs[valid], actions[valid], rewards[valid], real_next[valid],
+                    terminated[valid], truncated[valid],
+                )
             self.ep_return[valid] += rewards[valid]
             self.ep_length[valid] += 1
             done = done & valid
@@ -297,9 +330,39 @@ class Collector:
                 self.ep_length[team] = 0
         return StepResult(n_valid, episodes)
 
-    def _write(self, obs: Any, actions: Any, rewards: Any, next_obs: Any, dones: Any) -> None:
+    def _write(
+        self,
+        valid: np.ndarray | None,
+        obs: Any,
+        actions: Any,
+        rewards: Any,
+        next_obs: Any,
+        terminated: Any,
+        truncated: Any,
+    ) -> None:
+        """The step's rows (of the copies ``valid`` marks; None: all) to every sink: 1-step rows,
+        or, with ``replay.n_step`` > 1, the n-step rows they completed to ``n_step_rows`` sinks."""
+        windows = self.n_step_windows
+        if windows is None:
+            for sink in self.sinks:
+                sink.add(obs, actions, rewards, next_obs, terminated)
+            return
+        rows = None if valid is None else np.flatnonzero(valid)
+        completed = windows.push(rows, obs, actions, rewards, next_obs, terminated, truncated)
         for sink in self.sinks:
-            sink.add(obs, actions, rewards, next_obs, dones)
+            if getattr(sink, "n_step_rows", False):
+                if completed is not None:
+                    sink.add(*completed)
+            else:
+                sink.add(obs, actions, rewards, next_obs, terminated)
+
+    def _write_n_step(self, rows: tuple[np.ndarray, ...] | None) -> None:
+        """n-step rows emitted outside a step (episodes cut short) to the ``n_step_rows`` sinks."""
+        if rows is None:
+            return
+        for sink in self.sinks:
+            if getattr(sink, "n_step_rows", False):
+                sink.add(*rows)
 
     def rollout(self, steps: int, epsilon: float) -> list[FinishedEpisode]:
         """``steps`` vector steps at a fixed exploration rate (an actor's unit of work)."""
@@ -311,8 +374,11 @@ class Collector:
     def use_task_params(self, task_params: Any, seed: int) -> None:
         """New environments at ``task_params`` (a curriculum stage); running episodes end there.
 
-        The reward manager and its metrics carry over; rows held for tagging go out untagged.
+        The reward manager and its metrics carry over; rows held for tagging go out untagged;
+        open n-step windows go out as truncated (bootstrapping from the state they were cut at).
         """
+        if self.n_step_windows is not None and self.obs is not None:
+            self._write_n_step(self.n_step_windows.close_all(self.obs))
         rewards = self.reward_manager
         self.envs.close()
         self.task_params = task_params
@@ -327,7 +393,10 @@ class Collector:
             self.episode_sink.store(None, None)
 
     def flush(self) -> None:
-        """Episodes still running: their held rows go out untagged."""
+        """Episodes still running: their held rows go out untagged.
+
+        Open n-step windows stay open: they are part of the run's state (a resumed run continues
+        them), and a run that ends learns nothing more from them."""
         if self.episode_sink is not None:
             self.episode_sink.store(None, None)
 
@@ -340,7 +409,7 @@ class Collector:
         """Everything the next step depends on, besides the policy: observations, running
         episodes, the environments' own state, and the action counters."""
         assert self.obs is not None
-        return {
+        state: dict[str, Any] = {
             "obs": torch.from_numpy(np.array(self.obs, dtype=np.float32)),
             "ep_return": torch.from_numpy(self.ep_return.copy()),
             "ep_length": torch.from_numpy(self.ep_length.copy()),
@@ -350,6 +419,9 @@ class Collector:
             "clipped_actions": self.clipped_actions,
             "actions_taken": self.actions_taken,
         }
+        if self.n_step_windows is not None:  # steps of running episodes not yet in a transition
+            state["n_step_windows"] = self.n_step_windows.state_dict()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> bool:
         """Restore :meth:`state_dict`; False (counters restored, episodes not) when the
@@ -363,10 +435,18 @@ class Collector:
             self.ep_return = state["ep_return"].numpy().copy()
             self.ep_length = state["ep_length"].numpy().copy()
             self.pending_reset = state["pending_reset"].numpy().copy()
+        if self.n_step_windows is not None:
+            saved = state.get("n_step_windows")
+            if restored and saved is not None and int(saved["n"]) == self.n_step_windows.n:
+                self.n_step_windows.load_state_dict(saved)
+            else:  # new episodes, or windows of another n (a few rows per copy are not learned)
+                self.n_step_windows.clear()
         return restored
 
     def restart_episodes(self, seed: int) -> None:
         """New episodes everywhere (a resumed run whose environments could not be restored)."""
+        if self.n_step_windows is not None:
+            self.n_step_windows.clear()
         self.reset(seed)
         self.ep_return[:] = 0.0
         self.ep_length[:] = 0

@@ -4,6 +4,8 @@ Every default lives in ``params.yaml``; the models below declare types and bound
 so there is exactly one place to change a default. Layers are applied in order:
 
 1. the project's ``params.yaml`` (``$LAGENT_PARAMS`` points elsewhere),
+1a. for a Gymnasium env trained from the CLI or the pipeline (``gym_env=True``), ``gym_profiles``:
+   robust defaults for any env, then the env's tuned entry if it has one (see :func:`gym_profile`),
 1b. the ``profiles`` entry of the chosen task (``train.task``), if params.yaml has one: the
    settings that task needs beyond the project-wide defaults (see :func:`task_profile`;
    :func:`config_for_task` moves a loaded config to another task the same way),
@@ -33,7 +35,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from agent.config_sections import (  # noqa: F401 - re-exported: agent.config holds every section
     CurriculumSection,
@@ -52,6 +54,8 @@ from memory import wire  # the collection-name rule the service applies
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS_PATH = PROJECT_ROOT / "params.yaml"
 PROFILES = "profiles"  # params.yaml's per-task settings, see task_profile()
+GYM_PROFILES = "gym_profiles"  # settings for Gymnasium envs at the edge (CLI, pipeline), see gym_profile()
+AUTO_BUFFER_MAX = 1_000_000  # replay.local_buffer_size: auto never allocates more
 
 
 AUTO_COLLECTION = "auto"
@@ -84,11 +88,15 @@ class NetworkConfig(Section):
     """Dropout after each hidden activation (0 disables it)."""
     dueling: bool
     """Split the head into state-value and advantage streams (Wang et al. 2016)."""
+    normalize_obs: bool
+    """Standardise observations with running mean and variance (float64, updated from the
+    observations acted on while training; clipped to [-10, 10]), kept in the network's state."""
 
 
 class ReplayConfig(Section):
     local_buffer_size: int = Field(ge=1)
-    """Capacity of the local circular buffer, in transitions."""
+    """Capacity of the local circular buffer, in transitions ('auto' in a params file: the step
+    budget, at most 1M, resolved when the configuration is loaded)."""
     memory_batch_size: int = Field(ge=0)
     """Transitions fetched from the Memory service per learning step (0: local replay only)."""
     similar_batch_size: int = Field(ge=0)
@@ -110,6 +118,23 @@ class ReplayConfig(Section):
     """Store each episode's rows in the Memory service when it ends, tagged with its return
     (for ``similar_prefer_success``); the service then receives them one episode later. Rows of
     episodes still running when training stops are stored untagged."""
+    n_step: int = Field(ge=1, le=100)
+    """Steps summed into each local transition's return: (s_t, a_t, sum_{k<n} gamma^k r_{t+k},
+    s_{t+n}), built per environment copy by the Collector (partial windows at an episode's end:
+    no bootstrap if it terminated, gamma^k if truncated); the update then discounts by gamma^n.
+    The Memory service keeps receiving 1-step rows, rescaled when replayed. 1: plain DQN."""
+    prioritized: bool
+    """Sample the *local* buffer in proportion to (|TD error| + ``priority_eps``)^``priority_alpha``
+    (Schaul et al. 2016, proportional); new rows get the highest priority so far. The Memory
+    service's own prioritized replay is ``memory.prioritized``, a separate option."""
+    priority_alpha: float = Field(ge=0.0, le=1.0)
+    """How much the local buffer's priorities count (0: uniform)."""
+    priority_beta: float = Field(ge=0.0, le=1.0)
+    """Importance-weight exponent of local prioritized batches at the start of a run, raised
+    linearly to 1 over the run's step budget (``train.total_timesteps``, or ``max_episodes`` x
+    ``max_steps_per_episode``), fixed when the first row is stored."""
+    priority_eps: float = Field(gt=0.0)
+    """Added to |TD error|, so that every local row keeps a chance to be drawn."""
 
 
 class TrainConfig(Section):
@@ -158,9 +183,9 @@ class TrainConfig(Section):
     """Fraction of the step budget over which epsilon falls linearly ('linear' schedule)."""
     max_episodes: int | None = Field(ge=1)
     """Episode budget (null: no episode budget)."""
-    max_steps_per_episode: int = Field(ge=1)
+    max_steps_per_episode: int | None = Field(ge=1)
     """Gymnasium envs' episodes are truncated after this many steps (or the env's own limit, if
-    lower). A task type's episodes end at its stage's time limit (time_limit / tasks.dt steps),
+    lower; null: the env's own limit). A task type's episodes end at its stage's time limit (time_limit / tasks.dt steps),
     which this does not cut: set the stage's time_limit to shorten them."""
     total_timesteps: int | None = Field(ge=1)
     """Environment-step budget (null: no step budget). Training stops at the first budget reached."""
@@ -180,6 +205,12 @@ class TrainConfig(Section):
     """Episodes per evaluation during training."""
     final_model: Literal["last", "best"]
     """The weights a run ends with: the last ones, or those of the best evaluation during training."""
+    lr_schedule: Literal["constant", "linear"]
+    """'linear': the learning rate falls with the step budget's progress to ``learning_rate x
+    lr_final_fraction`` (needs ``total_timesteps``); late updates then move the weights less, so
+    the last weights are not a lucky snapshot of an oscillating policy."""
+    lr_final_fraction: float = Field(ge=0.0, le=1.0)
+    """The linear schedule's last learning rate, as a fraction of ``learning_rate``."""
 
 
 class EvaluateConfig(Section):
@@ -259,6 +290,21 @@ class Config(Section):
     rewards: RewardSection
     curriculum: CurriculumSection
     tasks: TasksSection
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_auto_buffer(cls, data: Any) -> Any:
+        """``replay.local_buffer_size: auto`` holds the whole step budget (at most 1M): what an
+        off-policy learner should see on a short run, and a bounded memory on a long one."""
+        if not isinstance(data, Mapping):
+            return data
+        replay = data.get("replay")
+        if isinstance(replay, Mapping) and replay.get("local_buffer_size") == "auto":
+            train = data.get("train")
+            budget = train.get("total_timesteps") if isinstance(train, Mapping) else getattr(train, "total_timesteps", None)
+            size = min(int(budget), AUTO_BUFFER_MAX) if isinstance(budget, int) and budget > 0 else AUTO_BUFFER_MAX
+            data = {**data, "replay": {**replay, "local_buffer_size": size}}
+        return data
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -405,8 +451,16 @@ def default_params_path() -> Path:
 def load_raw(
     params_files: Iterable[str | Path] = (),
     overrides: Iterable[str | Mapping[str, Any]] = (),
+    *,
+    gym_env: bool = False,
+    gym_tuned: bool = True,
 ) -> dict[str, Any]:
-    """Merge the layers into one plain dict, checking every key against the defaults."""
+    """Merge the layers into one plain dict, checking every key against the defaults.
+
+    ``gym_env``: ``train.task`` is a Gymnasium env id and the caller is an edge that trains it as
+    a user would (the CLI, the pipeline): :func:`gym_profile` goes under the task's profile;
+    ``gym_tuned=False`` leaves out the env's tuned entry (what an env nobody tuned gets).
+    """
     base_path = default_params_path()
     if not base_path.is_file():
         raise ConfigError(
@@ -415,6 +469,7 @@ def load_raw(
         )
     base = _read_yaml(base_path)
     _check_profiles(base.get(PROFILES), base, str(base_path))
+    _check_profiles(base.get(GYM_PROFILES), base, str(base_path), GYM_PROFILES)
     layers: list[dict[str, Any]] = []
     data = base
     for file in params_files:
@@ -429,11 +484,31 @@ def load_raw(
         layers.append(layer)
         data = _deep_merge(data, layer)
     profile = task_profile(data)
-    if profile:  # the chosen task's profile sits between the defaults and every other layer
-        data = _deep_merge(base, profile)
-        for layer in layers:
+    gym = gym_profile(data)[1] if gym_env else []
+    if not gym_tuned:
+        gym = gym[:1]
+    if profile or gym:  # profiles sit between the defaults and every other layer
+        data = base
+        for layer in [*gym, profile, *layers]:
             data = _deep_merge(data, layer)
     return data
+
+
+def gym_profile(data: Mapping[str, Any]) -> tuple[str, list[dict[str, Any]]]:
+    """What ``gym_profiles`` gives the Gymnasium env ``data`` trains on: a description and the
+    layers (the robust ``default`` for any env, then the env's own tuned entry, if any).
+
+    These apply where a user trains an env as such (``lagent train --task ENV``, the pipeline);
+    the spec's Python API keeps the spec's values (``LearningAgent(...)`` with params.yaml's).
+    """
+    profiles = data.get(GYM_PROFILES) or {}
+    task = str(data.get("train", {}).get("task", ""))
+    layers = [dict(profiles.get("default") or {})]
+    for name, profile in profiles.items():
+        if name != "default" and str(name).lower() == task.lower():
+            layers.append(dict(profile or {}))
+            return f"the tuned profile for {name} (gym_profiles.{name} in params.yaml)", layers
+    return "the defaults for Gymnasium envs (gym_profiles.default in params.yaml)", layers
 
 
 def task_profile(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -452,28 +527,31 @@ def task_profile(data: Mapping[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def _check_profiles(profiles: Any, known: Mapping[str, Any], source: str) -> None:
+def _check_profiles(profiles: Any, known: Mapping[str, Any], source: str, key: str = PROFILES) -> None:
     """Every profile must be a mapping of known keys; it may not choose the task or nest profiles."""
     if profiles is None:
         return
     if not isinstance(profiles, Mapping):
-        raise ConfigError(f"{source}: '{PROFILES}' must map task names to settings, got {type(profiles).__name__}")
-    sections = {k: v for k, v in known.items() if k != PROFILES}
+        raise ConfigError(f"{source}: '{key}' must map task names to settings, got {type(profiles).__name__}")
+    sections = {k: v for k, v in known.items() if k not in (PROFILES, GYM_PROFILES)}
     for task, profile in profiles.items():
-        where = f"{source}: {PROFILES}.{task}"
+        where = f"{source}: {key}.{task}"
         if profile is None:
             continue
         if not isinstance(profile, Mapping):
             raise ConfigError(f"{where} must be a mapping of sections, got {type(profile).__name__}")
-        if PROFILES in profile or "task" in (profile.get("train") or {}):
-            raise ConfigError(f"{where} may not set '{PROFILES}' or 'train.task' (it is chosen by the task)")
+        if PROFILES in profile or GYM_PROFILES in profile or "task" in (profile.get("train") or {}):
+            raise ConfigError(
+                f"{where} may not set '{PROFILES}', '{GYM_PROFILES}' or 'train.task' (it is chosen by the task)"
+            )
         _check_keys(profile, sections, where)
 
 
 def _check_layer(layer: Mapping[str, Any], known: Mapping[str, Any], source: str) -> None:
     """Check a layer's keys; its ``profiles`` may add tasks, each checked like a layer."""
-    _check_keys({k: v for k, v in layer.items() if k != PROFILES}, known, source)
+    _check_keys({k: v for k, v in layer.items() if k not in (PROFILES, GYM_PROFILES)}, known, source)
     _check_profiles(layer.get(PROFILES), known, source)
+    _check_profiles(layer.get(GYM_PROFILES), known, source, GYM_PROFILES)
 
 
 def collect_overrides(
@@ -507,11 +585,15 @@ def format_validation_error(exc: ValidationError, source: str, prefix: str | Non
 def load_config(
     params_files: Iterable[str | Path] | str | Path | None = None,
     overrides: Iterable[str | Mapping[str, Any]] = (),
+    *,
+    gym_env: bool = False,
+    gym_tuned: bool = True,
 ) -> Config:
-    """Load and validate the configuration; see the module docstring for the layers."""
+    """Load and validate the configuration; see the module docstring for the layers
+    (``gym_env``, ``gym_tuned``: see :func:`load_raw`)."""
     if isinstance(params_files, (str, Path)):
         params_files = [params_files]
-    data = load_raw(params_files or (), overrides)
+    data = load_raw(params_files or (), overrides, gym_env=gym_env, gym_tuned=gym_tuned)
     core = {name: data[name] for name in Config.model_fields if name in data}
     try:
         config = Config.model_validate(core)

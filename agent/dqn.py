@@ -24,11 +24,23 @@ from agent.config import Config, load_config, resolve_device, with_overrides
 from agent.learner import Learner, UpdateStats
 from agent.memory_client import NearestExperiences
 from agent.network import LearningNetwork, NetworkArchitecture
+from agent.nstep import one_step_dones, one_step_rows
 from agent.policy import EpsilonGreedy
-from agent.replay import ExperienceBuffer, Transitions
+from agent.replay import ExperienceBuffer, PrioritizedBuffer, Transitions
 from agent.replay_sources import LocalReplay, MemoryReplay, MixedReplay, RowShapeGuard, SimilarReplay
 
 log = logging.getLogger(__name__)
+
+
+def replay_horizon(config: Config) -> int | None:
+    """The run's step budget as the config states it (``train.total_timesteps``, else
+    ``max_episodes`` x ``max_steps_per_episode``): the horizon of prioritized replay's beta."""
+    train = config.train
+    if train.total_timesteps:
+        return int(train.total_timesteps)
+    if train.max_episodes and train.max_steps_per_episode:
+        return int(train.max_episodes) * int(train.max_steps_per_episode)
+    return None
 
 
 class TrainingDivergedError(RuntimeError):
@@ -93,9 +105,7 @@ class LearningAgent:
                 f"agent is {self.input_size}->{self.output_size}"
             )
         self.learner = Learner(self.architecture, cfg.train, seed=cfg.run.seed, device=self.device)
-        self.buffer = ExperienceBuffer(
-            cfg.replay.local_buffer_size, self.input_size, self.device, seed=cfg.run.seed
-        )
+        self.buffer = self._new_buffer(cfg)
         self.policy = EpsilonGreedy(self.learner.q_network, np.random.default_rng(cfg.run.seed))
         self.last_similar_count = 0
         self._guard = RowShapeGuard(self.input_size)
@@ -119,16 +129,42 @@ class LearningAgent:
         self.config = config
         self.learner.configure(config.train)
         self._replay = None  # sources read replay/memory settings: rebuilt on next use
-        capacity = config.replay.local_buffer_size
-        if capacity != self.buffer.capacity:
+        replay = config.replay
+        capacity = replay.local_buffer_size
+        kind_changed = replay.prioritized != isinstance(self.buffer, PrioritizedBuffer)
+        if capacity != self.buffer.capacity or kind_changed:
             if len(self.buffer) == 0:
-                self.buffer = ExperienceBuffer(capacity, self.input_size, self.device, seed=config.run.seed)
+                self.buffer = self._new_buffer(config)
             else:
                 log.warning(
-                    "keeping the local buffer (capacity %d, already holding experience) although "
-                    "replay.local_buffer_size is now %d",
-                    self.buffer.capacity, capacity,
+                    "keeping the local buffer (capacity %d, %s, already holding experience) although "
+                    "replay.local_buffer_size is now %d and replay.prioritized %s",
+                    self.buffer.capacity,
+                    "prioritized" if isinstance(self.buffer, PrioritizedBuffer) else "uniform",
+                    capacity, replay.prioritized,
                 )
+        if isinstance(self.buffer, PrioritizedBuffer):
+            self.buffer.configure(replay.priority_alpha, replay.priority_beta, replay.priority_eps)
+            if self.buffer.added == 0:  # the beta schedule's horizon is fixed by the first row
+                self.buffer.beta_horizon = replay_horizon(config)
+
+    def plan_replay(self, horizon_steps: int | None) -> None:
+        """Fix the horizon (environment steps) over which a prioritized local buffer's beta rises
+        to 1: the trainer's step budget for this run. Without this call it is the config's budget
+        (:func:`replay_horizon`). A resumed run keeps its checkpoint's. Uniform buffers: no-op."""
+        if isinstance(self.buffer, PrioritizedBuffer):
+            self.buffer.beta_horizon = horizon_steps
+
+    def _new_buffer(self, cfg: Config) -> ExperienceBuffer:
+        """The local buffer ``cfg`` describes: uniform, or prioritized (``replay.prioritized``)."""
+        replay = cfg.replay
+        if not replay.prioritized:
+            return ExperienceBuffer(replay.local_buffer_size, self.input_size, self.device, seed=cfg.run.seed)
+        return PrioritizedBuffer(
+            replay.local_buffer_size, self.input_size, self.device, seed=cfg.run.seed,
+            alpha=replay.priority_alpha, beta=replay.priority_beta, eps=replay.priority_eps,
+            beta_horizon=replay_horizon(cfg),
+        )
 
     def _config_architecture(self, cfg: Config) -> NetworkArchitecture:
         """The network ``cfg``'s ``network`` section describes for this agent's sizes."""
@@ -139,6 +175,7 @@ class LearningAgent:
             activation=cfg.network.activation,
             dropout=cfg.network.dropout,
             dueling=cfg.network.dueling,
+            normalize_obs=cfg.network.normalize_obs,
         )
 
     # ------------------------------------------------------------------ parts, by their old names
@@ -218,9 +255,14 @@ class LearningAgent:
         """Store one transition or a batch in the local buffer and, if given, the Memory service.
 
         ``done`` means the episode really ended (terminated), not that a time limit cut it:
-        the target bootstraps through truncations.
+        the target bootstraps through truncations. These are 1-step transitions: with
+        ``replay.n_step`` > 1 the local buffer stores them with the bootstrap mask that makes the
+        n-step update discount them by gamma (see :mod:`agent.nstep`).
         """
-        self.buffer.add(state, action, reward, next_state, done)
+        self.buffer.add(
+            state, action, reward, next_state,
+            one_step_dones(done, self.config.train.gamma, self.config.replay.n_step),
+        )
         if memory_client is not None:
             obs = np.asarray(state, dtype=np.float32)
             batched = obs.ndim == 2
@@ -291,23 +333,38 @@ class LearningAgent:
 
         Local batches for all steps are sampled at once; memory batches come from the Memory
         service one per step (``memory_client=None`` means local replay only).
+
+        With ``replay.n_step`` = n > 1 each update discounts by gamma^n: the local rows carry
+        their own correction (a bootstrap mask, see :mod:`agent.nstep`), and the 1-step rows of
+        the Memory service get theirs here. With a prioritized local buffer the local rows come
+        with importance weights, and their TD errors go back as priorities after the call's
+        last update (its batches were all drawn before the first, so nothing drawn changes).
         """
         batch_size = local_batch_size or self.config.train.batch_size
         sources = self.replay_sources(memory_client)
         batches = sources.stream(batch_size, gradient_steps)
         if batches is None:
             return None
+        n_step = self.config.replay.n_step
+        base_gamma = self.config.train.gamma if gamma is None else float(gamma)
+        update_gamma = gamma if n_step == 1 else base_gamma**n_step
         records: list[torch.Tensor] = []
+        local_ids: list[np.ndarray] = []
+        local_td: list[torch.Tensor] = []
         memory_steps = similar_rows = 0
         for batch in batches:
             similar_rows += batch.similar_rows
             memory_steps += batch.extra is not None
+            extra = batch.extra if batch.extra is None else one_step_rows(batch.extra, base_gamma, n_step)
             stats: UpdateStats = self.learner.update(
-                batch.local, batch.local_weights, memory=batch.extra, memory_weights=batch.extra_weights,
-                gamma=gamma,
+                batch.local, batch.local_weights, memory=extra, memory_weights=batch.extra_weights,
+                gamma=update_gamma,
             )
             records.extend(stats.scalars())
             sources.update_priorities(batch, stats.td_memory)
+            if batch.local_ids is not None:
+                local_ids.append(batch.local_ids)
+                local_td.append(stats.td_local)
         if sources.similar is not None:
             self.last_similar_count = sources.similar.last_count
         means = torch.stack(records).view(gradient_steps, -1).mean(dim=0)
@@ -317,7 +374,7 @@ class LearningAgent:
                 f"TD loss became {total} at update {self.training_steps}: lower the learning rate "
                 "or enable gradient clipping"
             )
-        return {
+        stats_out = {
             "loss": total,
             "loss_local": local_loss,
             "loss_memory": memory_loss * gradient_steps / max(memory_steps, 1),
@@ -326,6 +383,11 @@ class LearningAgent:
             "memory_batches": float(memory_steps),
             "similar_rows": similar_rows / gradient_steps,
         }
+        if local_ids:  # one transfer to the host per call, in update order (the last wins)
+            sources.local.update_priorities(np.concatenate(local_ids), torch.cat(local_td))
+            assert isinstance(self.buffer, PrioritizedBuffer)
+            stats_out["priority_beta"] = self.buffer.beta
+        return stats_out
 
     async def learn_from_experiences(
         self,

@@ -113,6 +113,16 @@ class Learner:
     def learning_rate(self) -> float:
         return self.optimizer.lr
 
+    def set_progress(self, fraction: float) -> None:
+        """Where the run is in its step budget (0 to 1): the learning-rate schedule follows it.
+
+        A function of progress alone, so a resumed run's rate is the one a straight run has.
+        """
+        if self.train.lr_schedule == "linear":
+            final = self.train.lr_final_fraction
+            done = min(max(fraction, 0.0), 1.0)
+            self.optimizer.set_lr(self.train.learning_rate * (1.0 - done * (1.0 - final)))
+
     @property
     def uses_closed_form(self) -> bool:
         return self._closed_form is not None

@@ -5,6 +5,12 @@ storing N transitions is five slice copies, sampling G batches at once is one ``
 gathers. On the CPU the storage is numpy arrays that the tensors view (``torch.from_numpy``), so
 storing from the environment's numpy output is a plain array assignment; on a GPU the storage is
 device tensors and a sampled batch never leaves the device.
+
+:class:`PrioritizedBuffer` is the same ring sampled in proportion to priority (Schaul et al.
+2016, proportional variant) over a sum tree (:class:`memory.sumtree.SumTree`, the Memory
+service's): new rows get the highest priority seen so far, TD errors come back as new
+priorities, and importance weights correct the bias by an exponent beta that rises to 1 over the
+run. Its sampler draws from the buffer's own generator, so a checkpoint resumes it exactly.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+
+from memory.sumtree import SumTree
 
 
 class Transitions(NamedTuple):
@@ -25,8 +33,22 @@ class Transitions(NamedTuple):
     dones: torch.Tensor
 
 
+class WeightedSample(NamedTuple):
+    """A prioritized draw: the rows, their importance weights and the slots they came from."""
+
+    transitions: Transitions
+    weights: torch.Tensor
+    """(N * P(i))^-beta over each batch's largest, float32, shaped like the batch ([B] or [G, B])"""
+    slots: np.ndarray
+    """the rows' slots in the buffer (what :meth:`PrioritizedBuffer.update_priorities` takes)"""
+
+
 class ExperienceBuffer:
     """Fixed-capacity circular buffer; the oldest transitions are overwritten first."""
+
+    n_step_rows = True
+    """The Collector writes its n-step rows here (``replay.n_step``; 1-step sinks, such as the
+    Memory service's, leave this unset)."""
 
     def __init__(
         self,
@@ -87,6 +109,7 @@ class ExperienceBuffer:
         if n >= self.capacity:  # only the newest `capacity` rows survive
             rows = [r[n - self.capacity :] for r in rows]
             n = self.capacity
+        start = self.position
         first = min(n, self.capacity - self.position)
         targets = self._arrays if self._arrays is not None else self._storage
         for store, new in zip(targets, rows):
@@ -97,6 +120,10 @@ class ExperienceBuffer:
                 store[: n - first] = new[first:]
         self.position = (self.position + n) % self.capacity
         self.size = min(self.size + n, self.capacity)
+        self._stored(start, n)
+
+    def _stored(self, start: int, n: int) -> None:
+        """``n`` rows were just written from slot ``start`` on (wrapping round the end)."""
 
     def sample(self, batch_size: int, num_batches: int | None = None) -> Transitions:
         """Uniform sample with replacement: [B, ...], or [G, B, ...] when ``num_batches`` is set."""
@@ -135,3 +162,148 @@ class ExperienceBuffer:
             store[:size] = data[name].to(self.device)
         self.size = size
         self.position = int(state["position"])
+
+
+class PrioritizedBuffer(ExperienceBuffer):
+    """The circular buffer, sampled in proportion to priority (``replay.prioritized``).
+
+    Row i is drawn with probability p_i^alpha / sum_j p_j^alpha, where p_i = |TD error| + eps from
+    its latest update, or the highest priority so far for a row not yet learned from. Draws are
+    stratified within each batch, as the Memory service's are. Each row's importance weight is
+    (N * P(i))^-beta over its batch's largest; beta rises linearly from ``beta_start`` to 1 over
+    ``beta_horizon`` stored rows (None: stays at ``beta_start``).
+    """
+
+    def __init__(
+        self,
+        capacity: int = 1000,
+        obs_dim: int | None = None,
+        device: torch.device | str = "cpu",
+        seed: int | None = None,
+        *,
+        alpha: float = 0.6,
+        beta: float = 0.4,
+        eps: float = 1e-6,
+        beta_horizon: int | None = None,
+    ) -> None:
+        super().__init__(capacity, obs_dim, device, seed)
+        if eps <= 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        self.alpha = float(alpha)
+        self.beta_start = float(beta)
+        self.eps = float(eps)
+        self.beta_horizon = beta_horizon
+        self.added = 0
+        """rows stored so far, overwritten ones included: the beta schedule's clock"""
+        self.max_priority = 1.0
+        self._priorities = np.zeros(self.capacity, dtype=np.float64)  # p_i, before the alpha power
+        self._tree = SumTree(self.capacity)  # p_i^alpha
+
+    def configure(self, alpha: float, beta: float, eps: float) -> None:
+        """Adopt new settings during a run; stored priorities are kept (re-powered if alpha moved)."""
+        if eps <= 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        if float(alpha) != self.alpha:
+            self.alpha = float(alpha)
+            self._tree.set(np.arange(self.size), self._priorities[: self.size] ** self.alpha)
+        self.beta_start, self.eps = float(beta), float(eps)
+
+    @property
+    def beta(self) -> float:
+        """The importance-weight exponent now."""
+        if not self.beta_horizon:
+            return self.beta_start
+        progress = min(1.0, self.added / self.beta_horizon)
+        return self.beta_start + (1.0 - self.beta_start) * progress
+
+    def _stored(self, start: int, n: int) -> None:
+        slots = (start + np.arange(n)) % self.capacity
+        self._priorities[slots] = self.max_priority
+        self._tree.set(slots, np.full(n, self.max_priority**self.alpha))
+        self.added += n
+
+    def sample(self, batch_size: int, num_batches: int | None = None) -> Transitions:
+        """A prioritized draw's rows (see :meth:`sample_weighted` for their weights)."""
+        return self.sample_weighted(batch_size, num_batches).transitions
+
+    def sample_weighted(self, batch_size: int, num_batches: int | None = None) -> WeightedSample:
+        """``num_batches`` batches (or one, [B]) drawn by priority, with replacement."""
+        if self.size == 0 or self._storage is None:
+            raise ValueError("cannot sample from an empty buffer")
+        batches = 1 if num_batches is None else num_batches
+        shape = (batch_size,) if num_batches is None else (num_batches, batch_size)
+        uniforms = torch.rand(
+            batches * batch_size, generator=self._generator, device=self.device, dtype=torch.float64
+        ).cpu().numpy()
+        total = self._tree.total
+        strata = np.tile(np.arange(batch_size), batches)
+        slots = self._tree.find((strata + uniforms) * (total / batch_size), used=self.size)
+        probabilities = self._tree.get(slots) / total
+        raw = (self.size * probabilities).reshape(batches, batch_size) ** -self.beta
+        weights = (raw / raw.max(axis=1, keepdims=True)).astype(np.float32).reshape(shape)
+        index = torch.as_tensor(slots.reshape(shape), device=self.device)
+        return WeightedSample(
+            Transitions(*(t[index] for t in self._storage)),
+            torch.as_tensor(weights, device=self.device),
+            slots.reshape(shape),
+        )
+
+    def update_priorities(self, slots: np.ndarray, td_errors: np.ndarray | torch.Tensor) -> None:
+        """New priorities |TD error| + eps for rows drawn before (the last wins for a repeated slot)."""
+        if isinstance(td_errors, torch.Tensor):
+            td_errors = td_errors.detach().cpu().numpy()
+        slots = np.asarray(slots, dtype=np.int64).reshape(-1)
+        priorities = np.abs(np.asarray(td_errors, dtype=np.float64).reshape(-1)) + self.eps
+        if len(slots) != len(priorities):
+            raise ValueError(f"{len(slots)} slots, {len(priorities)} TD errors")
+        if not np.isfinite(priorities).all():
+            raise ValueError("TD errors must be finite")
+        if len(slots) == 0:
+            return
+        if slots.min() < 0 or slots.max() >= self.size:
+            raise ValueError(f"slots must be in [0, {self.size})")
+        self._priorities[slots] = priorities
+        self.max_priority = max(self.max_priority, float(priorities.max()))
+        self._tree.set(slots, priorities**self.alpha)
+
+    def priorities(self) -> np.ndarray:
+        """The stored rows' priorities p_i (before the alpha power), by slot."""
+        return self._priorities[: self.size].copy()
+
+    # ------------------------------------------------------------------ checkpointing
+
+    def state_dict(self, include_data: bool = True) -> dict[str, Any]:
+        state = super().state_dict(include_data)
+        state["prioritized"] = {
+            "added": self.added,
+            "beta_horizon": self.beta_horizon,
+            "max_priority": self.max_priority,
+            "priorities": torch.from_numpy(self._priorities[: self.size].copy())
+            if include_data and "data" in state
+            else None,
+        }
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; a uniform buffer's state loads too (every row at the top
+        priority, the schedule from the start)."""
+        super().load_state_dict(state)
+        saved = state.get("prioritized")
+        priorities = None
+        if saved is not None:
+            self.added = int(saved["added"])
+            self.beta_horizon = None if saved["beta_horizon"] is None else int(saved["beta_horizon"])
+            self.max_priority = float(saved["max_priority"])
+            if not (np.isfinite(self.max_priority) and self.max_priority > 0):
+                raise ValueError(f"max_priority must be finite and > 0, got {self.max_priority}")
+            priorities = saved.get("priorities")
+        self._priorities = np.zeros(self.capacity, dtype=np.float64)
+        self._tree = SumTree(self.capacity)
+        if priorities is None or state.get("data") is None:
+            values = np.full(self.size, self.max_priority)
+        else:
+            values = priorities.numpy().astype(np.float64).reshape(-1)
+            if values.shape != (self.size,) or not (np.isfinite(values).all() and (values > 0).all()):
+                raise ValueError(f"priorities must be {self.size} finite values > 0")
+        self._priorities[: self.size] = values
+        self._tree.set(np.arange(self.size), values**self.alpha)

@@ -1,7 +1,8 @@
 """Where replayed experience comes from: one protocol, several sources.
 
 A source hands out batches of tensors on the learner's device and takes TD errors back as
-priorities. The learner never knows which source fed it, so the same update runs on the local
+priorities (the local ring's too, when it is a prioritized buffer: ``replay.prioritized``).
+The learner never knows which source fed it, so the same update runs on the local
 ring, on the Memory service, on the spec's mix of both (a local batch and a memory batch per
 update, their losses reported apart), and, for knowledge transfer, on the stored neighbours of
 the states being learned from.
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from agent.config import MemoryConfig, ReplayConfig
-from agent.replay import ExperienceBuffer, Transitions
+from agent.replay import ExperienceBuffer, PrioritizedBuffer, Transitions
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +79,12 @@ class RowShapeGuard:
 
 
 class LocalReplay:
-    """The local circular buffer, sampled uniformly (all of a call's batches in one draw)."""
+    """The local circular buffer, sampled uniformly or, a :class:`PrioritizedBuffer`, by
+    priority (``replay.prioritized``); all of a call's batches in one draw."""
 
     def __init__(self, buffer: ExperienceBuffer) -> None:
         self.buffer = buffer
+        self.prioritized = isinstance(buffer, PrioritizedBuffer)
 
     def __len__(self) -> int:
         return len(self.buffer)
@@ -90,14 +93,32 @@ class LocalReplay:
         """[G, B, ...] tensors: the form similar-state search takes its queries from."""
         return self.buffer.sample(batch_size, num_batches=num_batches)
 
+    def draw(self, batch_size: int, num_batches: int) -> SampledBatch:
+        """[G, B, ...] tensors, with [G, B] importance weights and buffer slots when prioritized."""
+        if self.prioritized:
+            assert isinstance(self.buffer, PrioritizedBuffer)
+            drawn = self.buffer.sample_weighted(batch_size, num_batches)
+            return SampledBatch(drawn.transitions, drawn.weights, drawn.slots)
+        return SampledBatch(self.sample_stacked(batch_size, num_batches))
+
     def sample(self, batch_size: int, num_batches: int = 1) -> list[SampledBatch | None]:
         if len(self.buffer) < batch_size:
             return [None] * num_batches
-        stacked = self.sample_stacked(batch_size, num_batches)
-        return [SampledBatch(Transitions(*(t[step] for t in stacked))) for step in range(num_batches)]
+        stacked, weights, ids = self.draw(batch_size, num_batches)
+        return [
+            SampledBatch(
+                Transitions(*(t[step] for t in stacked)),
+                None if weights is None else weights[step],
+                None if ids is None else ids[step],
+            )
+            for step in range(num_batches)
+        ]
 
     def update_priorities(self, ids: np.ndarray, td_errors: torch.Tensor) -> None:
-        """Uniform sampling: priorities change nothing."""
+        """New priorities for a prioritized buffer's rows; uniform sampling: nothing to do."""
+        if self.prioritized:
+            assert isinstance(self.buffer, PrioritizedBuffer)
+            self.buffer.update_priorities(ids, td_errors)
 
 
 class MemoryReplay:
@@ -234,6 +255,8 @@ class MixedBatch(NamedTuple):
     memory_ids: np.ndarray | None
     """service ids of the extra rows that came from prioritized memory replay (the first ones)"""
     similar_rows: int
+    local_ids: np.ndarray | None = None
+    """buffer slots of the local rows (a prioritized local buffer), for their new priorities"""
 
 
 class MixedReplay:
@@ -267,7 +290,7 @@ class MixedReplay:
         return self._stream(batch_size, num_batches)
 
     def _stream(self, batch_size: int, num_batches: int) -> Iterator[MixedBatch]:
-        stacked = self.local.sample_stacked(batch_size, num_batches)
+        stacked, local_weights, local_ids = self.local.draw(batch_size, num_batches)
         near = (
             self.similar.sample_near(stacked) if self.similar is not None else [None] * num_batches
         )
@@ -288,9 +311,19 @@ class MixedReplay:
                 else:
                     extra = Transitions(*(torch.cat([a, b]) for a, b in zip(extra, similar)))
                     weights = torch.cat([weights, ones])  # type: ignore[list-item]
-            yield MixedBatch(local, None, extra, weights, ids, similar_rows)
+            yield MixedBatch(
+                local,
+                None if local_weights is None else local_weights[step],
+                extra,
+                weights,
+                ids,
+                similar_rows,
+                None if local_ids is None else local_ids[step],
+            )
 
     def update_priorities(self, batch: MixedBatch, td_extra: torch.Tensor | None) -> None:
-        """Send the memory rows' TD errors back (similar rows follow them and send none)."""
+        """Send the memory rows' TD errors back (similar rows follow them and send none). The
+        local rows' go back through ``local.update_priorities``, once per call (see
+        :meth:`agent.dqn.LearningAgent.learn`)."""
         if self.memory is not None and batch.memory_ids is not None and td_extra is not None:
             self.memory.update_priorities(batch.memory_ids, td_extra[: len(batch.memory_ids)])

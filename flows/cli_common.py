@@ -56,10 +56,34 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_cli_config(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:
-    """The resolved configuration: params.yaml, ``--params`` files, ``--set`` and then ``extra``."""
+    """The resolved configuration: params.yaml, ``--params`` files, ``--set`` and then ``extra``.
+
+    A Gymnasium env gets ``gym_profiles`` under the files and overrides: its tuned settings if
+    params.yaml has them, else the defaults meant for an env nobody tuned.
+    """
     from agent.config import load_config
 
-    return load_config(args.params, [*args.overrides, *extra])
+    config = load_config(args.params, [*args.overrides, *extra])
+    if is_gym_env(config.train.task):
+        config = load_config(args.params, [*args.overrides, *extra], gym_env=True)
+    return config
+
+
+def is_gym_env(task: str) -> bool:
+    """A Gymnasium env id rather than one of the project's task types."""
+    from agent.tasks import TaskType
+
+    return TaskType.parse(task) is None
+
+
+def gym_profile_note(args: argparse.Namespace, task: str) -> str | None:
+    """The line a run of a Gymnasium env starts with: which settings it uses and how to change them."""
+    if not is_gym_env(task):
+        return None
+    from agent.config import gym_profile, load_raw
+
+    described, _ = gym_profile(load_raw(args.params, [*args.overrides, f"train.task={task}"]))
+    return f"using {described}; --set overrides it"
 
 
 def default_run_dir(task: str, seed: int) -> Path:

@@ -21,6 +21,7 @@ from flows.cli_common import (
     echo,
     emit_json,
     ensure_dir,
+    gym_profile_note,
     load_cli_config,
     progress_bar,
     progress_bars,
@@ -70,6 +71,9 @@ def _train_command(args: argparse.Namespace) -> int:
 
         config = load_cli_config(args, extra)
         task = config.train.task
+        note = gym_profile_note(args, task)
+        if note is not None:
+            echo(note, args)
         # memory.collection auto: a collection of this run's own, kept in its config for --resume.
         config = with_run_collection(config, task)
         run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(task, config.run.seed)

@@ -12,19 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from agent.config import Config, load_config, load_raw, load_section, register_section
+from agent.config import Config, Section, load_config, load_raw, load_section, register_section
 
 LEVELS: tuple[str, ...] = ("beginner", "intermediate", "advanced", "expert")
 """The curriculum levels, in training order: one training stage each."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
-
-
-class PipelineConfig(_Section):
+class PipelineConfig(Section):
     task: str = Field(min_length=1)
     """The task type trained through the curriculum levels."""
     stage_timesteps: int = Field(ge=1)
@@ -47,7 +43,7 @@ class PipelineConfig(_Section):
     """Independent stages run at the same time, at most this many (1: one after another)."""
 
 
-class ExportConfig(_Section):
+class ExportConfig(Section):
     registered_model_name: str = Field(min_length=1)
     """Name of the model in the MLflow model registry."""
     input_example_batch: int = Field(ge=2)

@@ -282,8 +282,7 @@ def export_model(settings: Settings, layout: Layout) -> StageResult:
     weights_path = out / "policy_state.pt"
     torch.save({"architecture": architecture.to_dict(), "state_dict": network.state_dict()}, weights_path)
 
-    generator = torch.Generator().manual_seed(settings.config.run.seed)
-    example = torch.randn(settings.export.input_example_batch, architecture.input_dim, generator=generator)
+    example = export_example(network, settings.export.input_example_batch, settings.config.run.seed)
     onnx_path = out / "policy.onnx"
     max_diff = export_onnx(network, example, onnx_path, settings.export.onnx_opset)
     if max_diff > settings.export.onnx_tolerance:
@@ -307,6 +306,19 @@ def export_model(settings: Settings, layout: Layout) -> StageResult:
         model=layout.final_model,
         extras={"network": network, "input_example": example.numpy(), "evaluation": evaluation},
     )
+
+
+def export_example(network: LearningNetwork, batch: int, seed: int) -> torch.Tensor:
+    """States to check the export on (and the MLflow model's input example): standard normal, or
+    for a network that normalises observations, drawn at the observations' own mean and spread,
+    so that the check covers the standardisation the model applies and not only its clip."""
+    generator = torch.Generator().manual_seed(seed)
+    example = torch.randn(batch, network.input_size, generator=generator)
+    normalization = network.normalization()
+    if normalization is not None:
+        shift, scale = normalization
+        example = shift + example / scale
+    return example
 
 
 def export_onnx(network: torch.nn.Module, example: torch.Tensor, path: Path, opset: int) -> float:
@@ -354,6 +366,12 @@ def _write_model_card(
         f"| {level} | {percent(row.get('success_rate'), 'n/a')} | {row.get('mean_reward', float('nan')):.2f} |"
         for level, row in evaluation.items()
     )
+    normalization = (
+        "\n  The model standardises raw observations itself (running mean and variance of those seen"
+        "\n  in training, clipped to [-10, 10]) before its first layer."
+        if architecture.normalize_obs
+        else ""
+    )
     card = f"""# Model card: {settings.export.registered_model_name}
 
 A deep Q-network policy for the `{settings.pipeline.task}` task, trained through the four curriculum
@@ -361,7 +379,7 @@ levels ({', '.join(LEVELS)}), {settings.pipeline.stage_timesteps:,} environment 
 starting from the previous level's weights.
 
 ## Inputs and outputs
-- Input `state`: float32 `[batch, {architecture.input_dim}]`, the task's observation vector.
+- Input `state`: float32 `[batch, {architecture.input_dim}]`, the task's observation vector.{normalization}
 - Output `q_values`: float32 `[batch, {architecture.output_dim}]`; the action is the argmax, an index
   into the task's discretised action set (see `agent/tasks/spaces.py`).
 

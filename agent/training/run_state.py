@@ -23,6 +23,9 @@ class RunState:
     epsilon: float = 1.0
     exploration_steps: int | None = None
     """the linear schedule's horizon, fixed once per run so resuming keeps the same schedule"""
+    planned_steps: int | None = None
+    """the run's step horizon (its budget), fixed with the exploration schedule: what the
+    learning-rate schedule's progress is measured against, across resumes and chunks"""
     steps_since_train: int = 0
     episode_rewards: list[float] = field(default_factory=list)
     episode_lengths: list[int] = field(default_factory=list)
@@ -50,6 +53,7 @@ class RunState:
             "episodes_done": self.episodes_done,
             "epsilon": self.epsilon,
             "exploration_steps": self.exploration_steps,
+            "planned_steps": self.planned_steps,
             "steps_since_train": self.steps_since_train,
             "episode_rewards": torch.tensor(self.episode_rewards, dtype=torch.float64),
             "episode_lengths": torch.tensor(self.episode_lengths, dtype=torch.int64),
@@ -70,6 +74,7 @@ class RunState:
             episodes_done=int(state["episodes_done"]),
             epsilon=float(state["epsilon"]),
             exploration_steps=state["exploration_steps"],
+            planned_steps=state.get("planned_steps"),
             steps_since_train=int(state["steps_since_train"]),
             episode_rewards=state["episode_rewards"].tolist(),
             episode_lengths=state["episode_lengths"].tolist(),

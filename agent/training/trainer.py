@@ -248,9 +248,10 @@ class Trainer:
         if self.run_state.exploration_steps is not None:
             return
         train = self.config.train
-        episode_steps = int(getattr(self.envs, "max_steps", 0)) or train.max_steps_per_episode
+        episode_steps = int(getattr(self.envs, "max_steps", 0)) or train.max_steps_per_episode or 1000
         horizon = total_timesteps or (max_episodes or 1) * episode_steps
         self.run_state.exploration_steps = max(1, int(train.exploration_fraction * horizon))
+        self.run_state.planned_steps = int(horizon)
 
     # ------------------------------------------------------------------ training loop
 
@@ -311,6 +312,8 @@ class Trainer:
             train = self.config.train  # callbacks may change it
             if train.exploration == "linear":
                 state.epsilon = self._linear_epsilon()
+            if self.agent.architecture.normalize_obs:  # running statistics of what the agent acts on
+                self.agent.q_network.update_obs_stats(self.collector.obs, self.agent.target_network)
             result = self.collector.step(state.epsilon)
             if result.steps:
                 state.steps_since_train += 1
@@ -320,6 +323,8 @@ class Trainer:
                     break  # a new stage: the other episodes in progress are gone
             if state.steps_since_train >= train.train_freq and state.global_step >= train.learning_starts:
                 state.steps_since_train = 0
+                if state.planned_steps:
+                    self.agent.learner.set_progress(state.global_step / state.planned_steps)
                 stats = self.agent.learn(self.memory_client, gradient_steps=train.gradient_steps)
                 if stats is not None:
                     for key, value in stats.items():

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
+from agent import LearningAgent, TrainingManager, load_config
 from flows.cli import main
 from tests.integration import memory_fixtures
 
@@ -54,7 +56,17 @@ def train(run_dir: Path, *argv: str) -> str:
 
 
 def test_cartpole_20k_steps(tmp_path: Path) -> None:
-    assert train(tmp_path, "--task", "CartPole-v1", "--timesteps", "20000") == PINNED["cartpole"]
+    # Through the spec's Python API, which keeps params.yaml's own values for a Gymnasium env:
+    # the CLI's settings for CartPole-v1 became rl-zoo's tuned profile (issue 14) after the hash
+    # was recorded, and this test pins the move of code, not those defaults.
+    config = load_config(overrides=[
+        "train.task=CartPole-v1", "run.seed=3", "train.total_timesteps=20000", "train.max_episodes=null",
+    ])
+    agent = LearningAgent(4, 2, config=config)
+    trainer = TrainingManager(agent, task_type="CartPole-v1", run_dir=tmp_path, tensorboard=False)
+    trainer.run()
+    trainer.close()
+    assert weights_digest(tmp_path / "checkpoints" / "last.pt") == PINNED["cartpole"]
 
 
 def test_navigation_curriculum_20k_steps(tmp_path: Path) -> None:
@@ -63,8 +75,12 @@ def test_navigation_curriculum_20k_steps(tmp_path: Path) -> None:
 
 
 def test_memory_backed_run(tmp_path: Path, shared_memory_server) -> None:
+    # The CLI with the Python API's settings for CartPole-v1 (see test_cartpole_20k_steps): a
+    # params file holding all of them sits above the CLI's gym profile.
+    api_settings = tmp_path / "api.yaml"
+    api_settings.write_text(yaml.safe_dump(load_config(overrides=["train.task=CartPole-v1"]).to_dict()))
     digest = train(
-        tmp_path, "--task", "CartPole-v1", "--memory", "--timesteps", "6000",
+        tmp_path / "run", "--params", str(api_settings), "--memory", "--timesteps", "6000",
         "--set", f"memory.base_url={shared_memory_server.url}",
     )
     assert digest == PINNED["memory"]

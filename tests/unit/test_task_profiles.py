@@ -60,7 +60,7 @@ def test_profiles_may_be_added_for_other_tasks_and_changed_with_set(params_file)
     "profiles, message",
     [
         ({"navigation": {"train": {"num_env": 8}}}, "profiles.navigation: unknown key 'train.num_env'"),
-        ({"navigation": {"train": {"task": "CartPole-v1"}}}, "may not set 'profiles' or 'train.task'"),
+        ({"navigation": {"train": {"task": "CartPole-v1"}}}, "may not set 'profiles', 'gym_profiles' or 'train.task'"),
         ({"navigation": ["train"]}, "must be a mapping"),
         (["navigation"], "must map task names"),
     ],
