@@ -74,6 +74,15 @@ def load_checkpoint_file(
 
     ``device`` is where the agent will live: its random generators' states are tried there too.
     """
+    document = read_checkpoint_document(path, map_location)
+    validate_checkpoint(document, Path(path), device=device)
+    return document
+
+
+def read_checkpoint_document(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """A lagent file of another shape than a run's checkpoint (a distributed run's learner or
+    actors): tensors and plain data only, our format marker and version checked; the caller
+    checks the content it reads."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
@@ -84,7 +93,6 @@ def load_checkpoint_file(
         raise CheckpointError(
             f"{path}: checkpoint format version {document.get('version')}, this code reads {VERSION}"
         )
-    validate_checkpoint(document, path, device=device)
     return document
 
 
@@ -146,7 +154,8 @@ class ArchitectureSchema(_Schema):
 
 class ParamGroupSchema(_Schema):
     params: list[Count]
-    lr: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = None
+    # 0 is a rate a linear schedule ends at (train.lr_final_fraction: 0): such a run's checkpoint loads
+    lr: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] | None = None
 
 
 class OptimizerSchema(_Schema):

@@ -272,6 +272,30 @@ class MemoryConfig(Section):
         return value
 
 
+class DistributedConfig(Section):
+    """Training on Ray (Ape-X): actors collect into the Memory service, one learner samples it."""
+
+    actors: int = Field(ge=0, le=4096)
+    """Collector actors (lagent train --actors N); 0 trains in this process."""
+    ray_address: str | None
+    """A running Ray cluster to join ('auto', 'ray://HOST:PORT'); null starts a local instance."""
+    num_cpus: int | None = Field(ge=1)
+    """CPUs of a local Ray instance; null: the machine's."""
+    learner_device: str
+    """Where the learner actor runs: auto (a GPU when the cluster has one), cpu, cuda."""
+    actor_cpus: float | None = Field(gt=0.0)
+    """CPUs each actor reserves; null: the cluster's CPUs beside the learner's, shared out (at
+    most 1), so that the actors and the learner all fit at once."""
+    rollout_steps: int = Field(ge=1)
+    """Vector-env steps an actor takes per call, between picking up newer weights."""
+    publish_interval: int = Field(ge=1)
+    """Learner updates between weight publications through Ray's object store (Ape-X's K)."""
+    epsilon: float = Field(ge=0.0, le=1.0)
+    """Ape-X's per-actor exploration: actor i of N explores with epsilon^(1 + alpha * i / (N-1))."""
+    epsilon_alpha: float = Field(ge=0.0)
+    """The alpha above: how fast the actors' exploration rates fall from the first to the last."""
+
+
 class Config(Section):
     """The whole resolved configuration, one field per ``params.yaml`` section a run uses.
 
@@ -290,6 +314,7 @@ class Config(Section):
     rewards: RewardSection
     curriculum: CurriculumSection
     tasks: TasksSection
+    distributed: DistributedConfig
 
     @model_validator(mode="before")
     @classmethod

@@ -181,7 +181,11 @@ class MetaConfig(Section):
     n_startup_trials: int = Field(ge=0)
     """Trials sampled at random and never pruned before TPE and pruning start."""
     n_jobs: int = Field(ge=1)
-    """Trials run in parallel threads of one process."""
+    """Trials run at the same time: threads of one process, or Ray tasks (``trial_runner``)."""
+    trial_runner: Literal["threads", "ray"] = "threads"
+    """Where a search's trials run: threads of this process, or Ray tasks (on the Ray instance
+    this process is connected to, RAY_ADDRESS's, or a local one) sharing the study through its
+    storage (on one machine SQLite or journal:FILE; across machines PostgreSQL)."""
     trial_timesteps: int = Field(ge=1)
     """Environment steps each trial trains for."""
     eval_interval: int = Field(ge=1)

@@ -39,7 +39,7 @@ def _check_stages(names: list[str] | None) -> list[str] | None:
 
 def _pipeline_command(args: argparse.Namespace) -> int:
     _quiet_defaults()
-    from flows.pipeline import pipeline, settings_for, where_to_look
+    from flows.pipeline import pipeline_flow, settings_for, where_to_look
 
     settings_for(args.params, args.overrides, args.quick)  # bad params fail here, before Prefect starts
     stages = _check_stages(args.stages)
@@ -55,7 +55,7 @@ def _pipeline_command(args: argparse.Namespace) -> int:
     chosen = [name for name in STAGES if name in (stages or STAGES)]
     reporter = reporter_for(chosen, enabled=not args.no_progress, stream=sys.stderr if args.json else sys.stdout)
     with reporting(reporter):
-        summary = pipeline(
+        summary = pipeline_flow(args.params, args.overrides, args.quick)(
             params_files=list(args.params), overrides=list(args.overrides), quick=args.quick, root=".", stages=stages
         )
     width = max(len(r["name"]) for r in summary["stages"]) if summary["stages"] else 5

@@ -56,6 +56,17 @@ def _train_command(args: argparse.Namespace) -> int:
         extra.append("memory.enabled=true")
     if args.curriculum:
         extra.append("train.use_curriculum=true")
+    if args.actors is not None:
+        if args.actors < 1:
+            raise UsageError(f"--actors must be at least 1, got {args.actors}")
+        if args.resume:
+            raise UsageError("--actors: a distributed run cannot be resumed yet; start a new run")
+        # Ape-X: the actors' rows reach the learner through the Memory service only.
+        extra += [f"distributed.actors={args.actors}", "memory.enabled=true"]
+    if args.ray_address is not None:
+        extra.append(f"distributed.ray_address={args.ray_address}")
+    if args.learner_device is not None:
+        extra.append(f"distributed.learner_device={args.learner_device}")
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -97,18 +108,25 @@ def _train_command(args: argparse.Namespace) -> int:
 
     from flows.memory_service import MemoryServiceError, memory_session
 
+    distributed = trainer.config.distributed.actors > 0
+
     try:
         # With --memory (or memory.enabled) replay goes through the Memory service, started on
         # loopback if none answers; its client is flushed and closed before the service stops.
         with memory_session(trainer.config, run_dir=run_dir) as memory_client:
-            trainer.memory_client = memory_client
             with progress_bar(not args.no_progress, f"train {task_name(trainer.task)}") as update, stop_on_signals(
                 trainer.request_stop
             ) as signals:
-                summary = trainer.run(progress=update)
+                if distributed:
+                    summary = _run_distributed(trainer, update, args)
+                else:
+                    trainer.memory_client = memory_client
+                    summary = trainer.run(progress=update)
     except MemoryServiceError as exc:
         raise UsageError(exc.headline) from None
-    if memory_client is not None:
+    if distributed:
+        pass  # its actors' clients reported above; the head's client stored nothing
+    elif memory_client is not None:
         summary["memory"] = memory_client.metrics()  # after the final flush
         echo(
             f"memory: {summary['memory']['delivered']:,.0f} transitions stored in "
@@ -120,7 +138,7 @@ def _train_command(args: argparse.Namespace) -> int:
     if signals:
         echo(
             f"stopped at step {trainer.global_step:,}; checkpoint saved. "
-            f"Resume with: lagent train --resume {run_dir}",
+            + ("" if distributed else f"Resume with: lagent train --resume {run_dir}"),
             args,
         )
         if args.json:
@@ -165,6 +183,34 @@ def _train_command(args: argparse.Namespace) -> int:
             payload["curriculum"] = curriculum_report
         emit_json(payload)
     return 0
+
+
+def _run_distributed(trainer: Any, update: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """The Ape-X run on Ray (``--actors N``); prints how its parts did."""
+    from agent.distributed import DistributedTrainer
+
+    try:
+        runner = DistributedTrainer(trainer)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    dist = trainer.config.distributed
+    where = dist.ray_address or "a local Ray instance"
+    echo(f"Ape-X on {where}: {dist.actors} actors (epsilons " + ", ".join(f"{e:.3g}" for e in runner.epsilons) + ")", args)
+    echo(f"replay: {trainer.config.memory.base_url} collection '{trainer.config.memory.collection}'", args)
+    summary = runner.run(progress=update)
+    report = summary["distributed"]
+    echo(
+        f"learner on {report['learner_device']}: {report['updates']:,} updates "
+        f"({report['updates_per_second']:,.0f}/s, idle {report['learner_idle_fraction']:.0%})",
+        args,
+    )
+    echo(
+        f"actors: {report['rows_delivered']:,.0f} rows stored ({report['rows_queued']:,.0f} queued, "
+        f"{report['rows_dropped']:,.0f} dropped); restarts: {report['actor_restarts']} of actors, "
+        f"{report['learner_restarts']} of the learner",
+        args,
+    )
+    return summary
 
 
 # --------------------------------------------------------------------------- curriculum
@@ -315,6 +361,19 @@ def add_train_commands(commands: Any) -> None:
     train.add_argument(
         "--eval-episodes", type=int, default=None,
         help="greedy evaluation episodes after training (default: evaluate.episodes; 0 skips)",
+    )
+    train.add_argument(
+        "--actors", type=int, metavar="N",
+        help="Ape-X on Ray: N collector actors write to the Memory service, one learner samples it "
+        "(distributed.*; without --ray-address a local Ray instance sized to the machine)",
+    )
+    train.add_argument(
+        "--ray-address", metavar="ADDRESS",
+        help="with --actors: join this Ray cluster (auto, or ray://HOST:PORT) instead of starting one",
+    )
+    train.add_argument(
+        "--learner-device", choices=("auto", "cpu", "cuda"),
+        help="with --actors: where the learner runs (auto: a GPU when the cluster has one)",
     )
     add_config_arguments(train)
     train.set_defaults(handler=_train_command)

@@ -7,6 +7,7 @@ who wants a long-lived study runs ``lagent optimize --storage ...`` instead.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,15 +24,23 @@ SEARCH_LEVEL = LEVELS[0]
 def _manager(settings: Settings, layout: Layout, kind: str, on_trial: Callable[..., None] | None) -> MetaLearningManager:
     directory = layout.search_dir(kind)
     directory.mkdir(parents=True, exist_ok=True)
-    study_db = directory / "study.db"
-    study_db.unlink(missing_ok=True)  # a stage run is one fresh study (see the module docstring)
+    study_name = f"pipeline_{settings.pipeline.task}"
+    storage = settings.pipeline.search_storage
+    if storage is None:
+        study_db = directory / "study.db"
+        study_db.unlink(missing_ok=True)  # a stage run is one fresh study (see the module docstring)
+        storage = f"sqlite:///{study_db.resolve()}"
+    else:  # a shared database (trials on many machines): a study of this stage run's own
+        study_name += time.strftime("_%Y%m%d-%H%M%S")
     return MetaLearningManager(
         base_config={
-            "storage_url": f"sqlite:///{study_db.resolve()}",
-            "study_name": f"pipeline_{settings.pipeline.task}",
+            "storage_url": storage,
+            "study_name": study_name,
             "n_trials": settings.pipeline.search_trials,
             "trial_timesteps": settings.pipeline.search_timesteps,
             "timeout": None,
+            # on Ray, trials run as Ray tasks beside the stage's, sharing the stage's study
+            "trial_runner": "ray" if settings.pipeline.task_runner == "ray" else "threads",
         },
         config=settings.config,
         on_trial=on_trial,

@@ -89,7 +89,10 @@ def _memory_service(settings: Settings, layout: Layout) -> Iterator[None]:
 
 
 def _run_graph(
-    chosen: Sequence[str], limit: int, submit: Callable[[str, list[PrefectFuture[Any]]], PrefectFuture[Any]]
+    chosen: Sequence[str],
+    limit: int,
+    submit: Callable[[str, list[PrefectFuture[Any]]], PrefectFuture[Any]],
+    on_done: Callable[[str, dict[str, Any] | BaseException], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run ``chosen`` stages in dependency order, at most ``limit`` at a time.
 
@@ -119,6 +122,11 @@ def _run_graph(
             results[name] = done.result()
         except BaseException as exc:  # noqa: BLE001 - re-raised once the running stages finish
             failure = failure or exc
+            if on_done is not None:
+                on_done(name, exc)
+        else:
+            if on_done is not None:
+                on_done(name, results[name])
     if failure is not None:
         raise failure
     return results
@@ -147,9 +155,12 @@ def pipeline(
         raise ValueError(f"unknown stages {unknown}; stages: {', '.join(runner.STAGES)}")
     chosen = [name for name in runner.STAGES if name in chosen]
     logger = get_run_logger()
+    on_ray = settings.pipeline.task_runner == "ray"
+    # On Ray every independent stage runs at once: Ray places them by the CPUs they ask for.
+    limit = len(chosen) if on_ray else settings.pipeline.max_parallel_stages
     logger.info(
-        "pipeline on %s: %s (up to %d stages at a time)",
-        settings.pipeline.task, ", ".join(chosen), settings.pipeline.max_parallel_stages,
+        "pipeline on %s: %s (up to %d stages at a time, %s)",
+        settings.pipeline.task, ", ".join(chosen), limit, "as Ray tasks" if on_ray else "in threads",
     )
 
     parent_run_id = None
@@ -163,15 +174,27 @@ def pipeline(
         )
         tracking.log_params(parent_run_id, tracking.flatten(settings.raw))
 
+    reporter = progress.current()
+    submitted: dict[str, float] = {}
+
     def submit(name: str, wait_for: list[PrefectFuture[Any]]) -> PrefectFuture[Any]:
+        if on_ray:  # the stage reports to a Ray worker's (silent) reporter: show it from here
+            reporter.stage_started(name)
+            submitted[name] = time.perf_counter()
         return stage_task.submit(
             name, params_files, overrides, quick, str(layout.root), parent_run_id, wait_for=wait_for
         )
 
+    def done(name: str, outcome: dict[str, Any] | BaseException) -> None:
+        if on_ray:
+            failed = isinstance(outcome, BaseException)
+            summary = f"{type(outcome).__name__}: {outcome}" if failed else outcome["summary"]
+            reporter.stage_finished(name, summary, time.perf_counter() - submitted[name], failed=failed)
+
     started = time.perf_counter()
     try:
         with _memory_service(settings, layout):
-            by_name = _run_graph(chosen, settings.pipeline.max_parallel_stages, submit)
+            by_name = _run_graph(chosen, limit, submit, done)
     except BaseException:
         if parent_run_id:
             tracking.end_run(parent_run_id, failed=True)
@@ -215,11 +238,45 @@ def where_to_look(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+_WORKER_ENV = ("MLFLOW_TRACKING_URI", "MEMORY_TOKEN", runner.TRACKING_ENV, "RAY_ADDRESS")
+"""Environment variables the stages read, passed on to Ray workers."""
+
+
+def task_runner_for(settings: Settings) -> Any:
+    """The flow's task runner: threads of this process, or Ray (``pipeline.task_runner``)."""
+    if settings.pipeline.task_runner == "ray":
+        import logging
+
+        from prefect_ray import RayTaskRunner
+
+        # What a worker on another machine cannot know: where MLflow and the Memory service are.
+        forwarded = {name: os.environ[name] for name in _WORKER_ENV if name in os.environ}
+        return RayTaskRunner(
+            address=settings.pipeline.ray_address,
+            init_kwargs={
+                "include_dashboard": False,
+                "log_to_driver": False,
+                "logging_level": logging.ERROR,
+                **({"runtime_env": {"env_vars": forwarded}} if forwarded else {}),
+            },
+        )
+    return ThreadPoolTaskRunner(max_workers=8)
+
+
+def pipeline_flow(params_files: Sequence[str] = (), overrides: Sequence[str] = (), quick: bool = False) -> Any:
+    """The pipeline flow with the task runner its settings ask for (the flow object itself runs
+    stages in threads)."""
+    settings = settings_for(params_files, overrides, quick)
+    if settings.pipeline.task_runner == "local":
+        return pipeline
+    return pipeline.with_options(task_runner=task_runner_for(settings))
+
+
 def build_deployment(
     cron: str, name: str, params_files: Sequence[str] = (), overrides: Sequence[str] = (), quick: bool = False
 ) -> Any:
     """The pipeline as a deployment on a cron schedule, run in this project directory."""
-    return pipeline.to_deployment(
+    return pipeline_flow(params_files, overrides, quick).to_deployment(
         name=name,
         cron=cron,
         parameters={

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -41,6 +41,16 @@ class PipelineConfig(Section):
     """MLflow experiment that holds the pipeline's runs."""
     max_parallel_stages: int = Field(ge=1, le=8)
     """Independent stages run at the same time, at most this many (1: one after another)."""
+    task_runner: Literal["local", "ray"] = "local"
+    """Where stages run: threads of the flow's process, or Ray tasks (prefect-ray's RayTaskRunner),
+    the searches' trials then Ray tasks too, sharing their study."""
+    ray_address: str | None = None
+    """With task_runner ray: the cluster to join ('auto', 'ray://HOST:PORT'); null: a local
+    instance for the run."""
+    search_storage: str | None = None
+    """Where the searches' Optuna studies live: null, a fresh SQLite file in each search's output
+    directory (one machine); an RDB URL (postgresql://...) that trials on other machines reach,
+    with a new study per stage run."""
 
 
 class ExportConfig(Section):

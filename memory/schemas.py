@@ -74,6 +74,12 @@ class TransitionBatch(_Body):
         description="[B] optional: the return of the episode each row belongs to, so that a "
         "search can prefer neighbours from successful episodes (omitted: unknown).",
     )
+    priorities: list[Priority] | None = Field(
+        default=None,
+        description="[B] optional initial sampling priorities (e.g. an actor's |TD error| for its "
+        "own rows), finite and >= 0, clipped to [1e-6, 1e6]; omitted: the collection's running "
+        "maximum, as for any new row.",
+    )
 
 
 class PriorityUpdate(_Body):

@@ -116,7 +116,16 @@ class Collection:
         first_id, slots = self.ring.append(batch)
         if self.ring.allocated > self.priorities.size:
             self.priorities.grow(self.ring.allocated)
-        self.priorities.set(slots, np.full(len(slots), self.max_priority**self.row.priority_alpha))
+        if batch.priorities is None:
+            raw = np.full(len(slots), self.max_priority)
+        else:  # an actor's own estimates; NaN rows get the maximum (this batch's included)
+            given = batch.priorities[len(batch.priorities) - len(slots) :].astype(np.float64)
+            known = ~np.isnan(given)
+            raw = np.clip(given, PRIORITY_MIN, PRIORITY_MAX)
+            if known.any():
+                self.max_priority = max(self.max_priority, float(raw[known].max()))
+            raw[~known] = self.max_priority
+        self.priorities.set(slots, raw**self.row.priority_alpha)
         return first_id, slots
 
     def append(self, batch: Transitions) -> int:

@@ -16,7 +16,7 @@ import numpy as np
 from memory.errors import InvalidInput
 
 FIELDS = ("obs", "actions", "rewards", "next_obs", "dones")
-OPTIONAL_FIELDS = ("episode_returns",)
+OPTIONAL_FIELDS = ("episode_returns", "priorities")
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +33,9 @@ class Transitions:
     # that a search can prefer neighbours from successful episodes. Writers that know it hold an
     # episode's rows until it ends (agent: replay.tag_episode_returns).
     episode_returns: np.ndarray | None = None
+    # float32 [B]: initial sampling priorities (an Ape-X actor's |TD error| for its own rows); NaN
+    # or omitted: the collection's running maximum, as for any new row. Kept in RAM only.
+    priorities: np.ndarray | None = None
 
     @property
     def rows(self) -> int:
@@ -48,6 +51,7 @@ class Transitions:
             self.dones[start:],
             None if self.embeddings is None else self.embeddings[start:],
             None if self.episode_returns is None else self.episode_returns[start:],
+            None if self.priorities is None else self.priorities[start:],
         )
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -56,6 +60,8 @@ class Transitions:
             out["embeddings"] = self.embeddings
         if self.episode_returns is not None:
             out["episode_returns"] = self.episode_returns
+        if self.priorities is not None:
+            out["priorities"] = self.priorities
         return out
 
 
@@ -133,6 +139,17 @@ def validate_batch(
                 "episode_returns: contains infinity (or values beyond float32 range); "
                 "NaN means unknown"
             )
+    priorities = None
+    if "priorities" in arrays:
+        priorities = _vector("priorities", arrays["priorities"], rows)
+        if priorities.dtype.kind != "f":
+            raise InvalidInput(f"priorities: dtype must be a float type, got {priorities.dtype}")
+        with np.errstate(over="ignore", invalid="ignore"):
+            priorities = priorities.astype(np.float32)
+            if np.isinf(priorities).any() or (priorities < 0).any():
+                raise InvalidInput(
+                    "priorities: every value must be finite and >= 0 (NaN: the collection's default)"
+                )
     return Transitions(
         obs=float_matrix("obs", arrays["obs"], rows, dim),
         actions=actions.astype(np.int64),
@@ -141,4 +158,5 @@ def validate_batch(
         dones=dones,
         embeddings=embeddings,
         episode_returns=episode_returns,
+        priorities=priorities,
     )

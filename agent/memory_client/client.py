@@ -334,15 +334,18 @@ class MemoryClient:
         next_obs: Any,
         dones: Any,
         episode_returns: Any = None,
+        priorities: Any = None,
     ) -> None:
         """Queue a batch ([B, D] observations, [B] the rest) and return at once.
 
         ``episode_returns`` ([B], optional) is the return of the episode each row belongs to, for
         searches that prefer neighbours from successful episodes; None (or NaN) means unknown.
+        ``priorities`` ([B], optional) are the rows' initial sampling priorities (an Ape-X actor's
+        |TD error|); None (or NaN): the collection's running maximum.
         Raises ValueError for data the service would refuse (wrong shapes, NaN/inf, dones not
         0/1), so bad rows never reach the outbox; RuntimeError once the client is closed.
         """
-        self._writer.write(obs, actions, rewards, next_obs, dones, episode_returns)
+        self._writer.write(obs, actions, rewards, next_obs, dones, episode_returns, priorities)
 
     def sample_replay(
         self, batch_size: int = 32, *, prioritized: bool = False, beta: float = 0.4

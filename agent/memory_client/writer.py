@@ -119,10 +119,11 @@ class Writer:
         next_obs: Any,
         dones: Any,
         episode_returns: Any = None,
+        priorities: Any = None,
     ) -> None:
         """Check a batch ([B, D] observations, [B] the rest) and stage it; never waits for the
         network. Raises ValueError for rows the service would refuse, RuntimeError once closed."""
-        self._stage(*self.check(obs, actions, rewards, next_obs, dones, episode_returns))
+        self._stage(*self.check(obs, actions, rewards, next_obs, dones, episode_returns, priorities))
 
     def check(
         self,
@@ -132,6 +133,7 @@ class Writer:
         next_obs: Any,
         dones: Any,
         episode_returns: Any = None,
+        priorities: Any = None,
     ) -> tuple[np.ndarray, ...]:
         """The columns as the arrays the service stores; ValueError for rows it would refuse."""
         obs_a = np.asarray(as_numpy(obs), dtype=np.float32)
@@ -160,16 +162,24 @@ class Writer:
             raise ValueError("obs, next_obs and rewards must be finite (no NaN or infinity)")
         if not np.isin(dones_a, (0.0, 1.0)).all():
             raise ValueError("dones must be 0 or 1 (terminated)")
-        if episode_returns is None:
-            returns_a = np.full(rows, np.nan, dtype=np.float32)
-        else:
-            returns_a = as_numpy(episode_returns).astype(np.float32)
-            if returns_a.size != rows:
-                raise ValueError(f"episode_returns must hold {rows} values, got {returns_a.shape}")
-            returns_a = returns_a.reshape(rows)
-            if np.isinf(returns_a).any():
-                raise ValueError("episode_returns must be finite (NaN: unknown)")
-        return obs_a, actions_a, rewards_a, next_a, dones_a, returns_a
+        returns_a = self._optional_column("episode_returns", episode_returns, rows)
+        if np.isinf(returns_a).any():
+            raise ValueError("episode_returns must be finite (NaN: unknown)")
+        priorities_a = self._optional_column("priorities", priorities, rows)
+        with np.errstate(invalid="ignore"):
+            if np.isinf(priorities_a).any() or (priorities_a < 0).any():
+                raise ValueError("priorities must be finite and >= 0 (NaN: the service's default)")
+        return obs_a, actions_a, rewards_a, next_a, dones_a, returns_a, priorities_a
+
+    @staticmethod
+    def _optional_column(name: str, value: Any, rows: int) -> np.ndarray:
+        """A float32 [rows] column, all NaN (the service's default) when ``value`` is None."""
+        if value is None:
+            return np.full(rows, np.nan, dtype=np.float32)
+        array = as_numpy(value).astype(np.float32)
+        if array.size != rows:
+            raise ValueError(f"{name} must hold {rows} values, got {array.shape}")
+        return array.reshape(rows)
 
     def _stage(
         self,
@@ -179,6 +189,7 @@ class Writer:
         next_obs: np.ndarray,
         dones: np.ndarray,
         episode_returns: np.ndarray,
+        priorities: np.ndarray,
     ) -> None:
         if self.closed:
             raise RuntimeError("MemoryClient is closed")
@@ -189,6 +200,7 @@ class Writer:
             "next_obs": next_obs,
             "dones": dones,
             "episode_returns": episode_returns,
+            "priorities": priorities,
         }
         with self._stage_lock:
             self._rows_in += len(obs)
@@ -225,8 +237,9 @@ class Writer:
             "rows": rows,
         }
         arrays = {name: value[:rows] for name, value in self._block.items()}
-        if np.isnan(arrays["episode_returns"]).all():  # untagged rows: the service assumes unknown
-            del arrays["episode_returns"]
+        for optional in ("episode_returns", "priorities"):  # all NaN: the service's default
+            if np.isnan(arrays[optional]).all():
+                del arrays[optional]
         payload = wire.encode(arrays, meta)
         self._seq += 1
         self._staged = 0

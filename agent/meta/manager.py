@@ -171,7 +171,9 @@ class MetaLearningManager:
             raise MetaLearningError(f"'{spec.task}' reports no success rate: optimise mean_reward")
         study = self.create_study(kind, options, spec, seed, source)
         self._last_study[kind] = study.study_name
-        ran = run_trials(study, objective, options, on_trial=self.on_trial, progress=progress)
+        ran = run_trials(
+            study, objective, options, on_trial=self.on_trial, progress=progress, storage_url=self.meta.storage_url
+        )
         return summarise(kind, spec, study, ran, self.meta.storage_url)
 
     def _record(self, result: SearchResult) -> None:

@@ -100,6 +100,7 @@ class OptimizationConfig(BaseModel):
     pruner: Literal["median", "hyperband", "none"] = _meta_field("pruner")
     n_startup_trials: int = _meta_field("n_startup_trials")
     n_jobs: int = _meta_field("n_jobs")
+    trial_runner: Literal["threads", "ray"] = _meta_field("trial_runner")
     trial_timesteps: int = _meta_field("trial_timesteps")
     eval_interval: int = _meta_field("eval_interval")
     eval_episodes: int = _meta_field("eval_episodes")

@@ -100,12 +100,14 @@ def run_trials(
     *,
     on_trial: TrialCallback | None = None,
     progress: SearchProgress | None = None,
+    storage_url: str | None = None,
 ) -> list[int]:
     """Run ``options.n_trials`` trials of ``objective`` on ``study``; the numbers of those this call
     ran (other workers may add trials to the study meanwhile).
 
     A trial that raises a RuntimeError (a torch error, out of memory, ...) is recorded as failed,
-    with its error, and the study goes on.
+    with its error, and the study goes on. With ``options.trial_runner`` 'ray' the trials run as
+    Ray tasks sharing the study at ``storage_url`` (:mod:`agent.meta.ray_trials`).
     """
     lock = threading.Lock()
     ran: list[int] = []
@@ -139,6 +141,15 @@ def run_trials(
             log.warning("trial %d of %s failed: %s", trial.number, study.study_name, exc)
             raise
 
+    if options.trial_runner == "ray":
+        from agent.meta.ray_trials import run_trials_on_ray
+
+        if storage_url is None:
+            raise MetaLearningError("trials on Ray need the study's storage URL")
+        return run_trials_on_ray(
+            study, storage_url, objective, n_trials=options.n_trials, workers=options.n_jobs,
+            timeout=options.timeout, callbacks=callbacks,
+        )
     with quiet_optuna():
         study.optimize(
             guarded,

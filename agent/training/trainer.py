@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import csv
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -236,6 +235,11 @@ class Trainer:
         """Ask the loop to stop at the next step boundary (signal handlers call this)."""
         self._stop_requested = True
 
+    @property
+    def stop_requested(self) -> bool:
+        """Whether :meth:`request_stop` was called (a distributed run's driver polls it)."""
+        return self._stop_requested
+
     # ------------------------------------------------------------------ exploration
 
     def _linear_epsilon(self) -> float:
@@ -360,10 +364,16 @@ class Trainer:
         return False
 
     def _periodic_evaluation(self) -> None:
-        """Greedy evaluation on separate envs and RNGs: training goes on exactly as without it."""
+        train, state = self.config.train, self.run_state
+        state.next_eval = (state.global_step // train.eval_frequency + 1) * train.eval_frequency
+        self.evaluate_during_training()
+
+    def evaluate_during_training(self) -> float:
+        """One of the run's evaluations (``train.eval_episodes``, on separate envs and RNGs:
+        training goes on exactly as without it), recorded with the run; the best one's weights
+        are kept (``train.final_model: best``, ``best_model.pt``). Returns its mean reward."""
         train, evaluate = self.config.train, self.config.evaluate
         state = self.run_state
-        state.next_eval = (state.global_step // train.eval_frequency + 1) * train.eval_frequency
         seed = self.config.run.seed + evaluate.seed_offset + 1000
         mean, std = self.run_evaluation(num_episodes=train.eval_episodes, seed=seed)
         state.evaluations.append((state.global_step, mean))
@@ -373,6 +383,7 @@ class Trainer:
             state.best_weights = {k: v.detach().clone() for k, v in self.agent.q_network.state_dict().items()}
             if self.run_dir is not None:
                 self.save_checkpoint(self.run_dir / "checkpoints" / "best_model.pt", include_run_state=False)
+        return mean
 
     def restore_best_weights(self) -> bool:
         """Load the weights of the best evaluation during training (False if there was none)."""

@@ -18,3 +18,15 @@ def prefect_harness() -> Iterator[str]:
 
     with prefect_test_harness(server_startup_timeout=120):
         yield str(PREFECT_API_URL.value())
+
+
+@pytest.fixture(scope="session")
+def ray_instance() -> Iterator[str]:
+    """One local Ray instance (2 CPUs) for every test that runs on Ray: starting one costs
+    seconds and hundreds of MB. Yields its address, for commands started in a subprocess."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()

@@ -35,7 +35,9 @@ def test_resume_equals_a_straight_run(tmp_path):
               "--set", "network.hidden_size=64", "--set", "train.train_freq=8", "--set", "train.gradient_steps=1",
               # CartPole's tuned profile explores linearly over the budget the first run names (25k
               # here, 50k straight): per-episode exploration keeps both runs on one schedule.
-              "--set", "train.exploration=exponential"]
+              "--set", "train.exploration=exponential",
+              # and lowers its learning rate over that budget: a constant one for the same reason
+              "--set", "train.lr_schedule=constant"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert main(["train", "--timesteps", "50000", "--run-dir", str(straight), *common]) == 0
     assert main(["train", "--timesteps", "25000", "--run-dir", str(split), *common]) == 0

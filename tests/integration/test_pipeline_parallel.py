@@ -18,14 +18,18 @@ TINY = [
 STAGES = ["train_beginner", "search_hyperparameters", "search_architecture"]
 
 
-def _run(root: Path, parallel: int) -> tuple[dict[str, dict[str, float]], list[tuple[int, int]]]:
+Metrics = dict[str, dict[str, float]]
+Spans = list[tuple[int, int]]
+VARYING = {"wall_seconds", "steps_per_second", "stage_seconds"}
+
+
+def _run(root: Path, parallel: int, *extra: str) -> tuple[Metrics, Spans]:
     from mlflow.tracking import MlflowClient
 
-    from flows.pipeline import pipeline
+    from flows.pipeline import pipeline_flow
 
-    summary = pipeline(
-        quick=True, root=str(root), stages=STAGES, overrides=[*TINY, f"pipeline.max_parallel_stages={parallel}"]
-    )
+    overrides = [*TINY, f"pipeline.max_parallel_stages={parallel}", *extra]
+    summary = pipeline_flow([], overrides, True)(quick=True, root=str(root), stages=STAGES, overrides=overrides)
     metrics = {r["name"]: r["metrics"] for r in summary["stages"]}
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("lagent")
@@ -38,13 +42,37 @@ def _overlap(spans: list[tuple[int, int]]) -> bool:
     return any(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(spans) for b in spans[i + 1 :])
 
 
-def test_parallel_stages_overlap_and_match_a_serial_run(prefect_harness, tmp_path: Path) -> None:
-    serial, serial_spans = _run(tmp_path / "serial", parallel=1)
-    parallel, parallel_spans = _run(tmp_path / "parallel", parallel=3)
-    assert not _overlap(serial_spans)
-    assert _overlap(parallel_spans)  # the searches ran beside training
+@pytest.fixture(scope="module")
+def serial(prefect_harness, tmp_path_factory: pytest.TempPathFactory) -> tuple[Metrics, Spans]:
+    """The stages one after another in this process: what every other way must reproduce."""
+    return _run(tmp_path_factory.mktemp("serial"), parallel=1)
+
+
+def _same_results(metrics: Metrics, reference: Metrics) -> None:
     for stage in STAGES:
-        varying = {"wall_seconds", "steps_per_second", "stage_seconds"}
-        assert {k: v for k, v in parallel[stage].items() if k not in varying} == {
-            k: v for k, v in serial[stage].items() if k not in varying
+        assert {k: v for k, v in metrics[stage].items() if k not in VARYING} == {
+            k: v for k, v in reference[stage].items() if k not in VARYING
         }, stage
+
+
+def test_parallel_stages_overlap_and_match_a_serial_run(serial: tuple[Metrics, Spans], tmp_path: Path) -> None:
+    parallel, parallel_spans = _run(tmp_path / "parallel", parallel=3)
+    assert not _overlap(serial[1])
+    assert _overlap(parallel_spans)  # the searches ran beside training
+    _same_results(parallel, serial[0])
+
+
+def test_stages_and_trials_on_ray_match_a_serial_run(
+    serial: tuple[Metrics, Spans], ray_instance: str, tmp_path: Path
+) -> None:
+    import optuna
+
+    on_ray, spans = _run(tmp_path / "ray", 1, "pipeline.task_runner=ray")
+    assert _overlap(spans)  # on Ray the independent stages run at once
+    _same_results(on_ray, serial[0])  # one trial worker per search: the serial run's trials
+    study = optuna.load_study(
+        study_name="pipeline_navigation/navigation@beginner/hyperparameters",
+        storage=f"sqlite:///{tmp_path / 'ray' / 'results' / 'search_hyperparameters' / 'study.db'}",
+    )
+    workers = {trial.user_attrs.get("worker") for trial in study.trials}
+    assert None not in workers and len(workers) == 1  # ran as a Ray task, not in this process

@@ -45,3 +45,19 @@ def test_a_resumed_run_steps_with_the_straight_runs_rates(tmp_path: Path) -> Non
     assert resumed.agent.learning_rate == straight.agent.learning_rate
     for a, b in zip(straight.agent.q_network.parameters(), resumed.agent.q_network.parameters()):
         assert torch.equal(a, b)
+
+
+def test_a_run_whose_rate_fell_to_zero_can_be_evaluated_and_resumed(tmp_path: Path) -> None:
+    from flows.cli import main
+
+    run = tmp_path / "run"
+    fast = ["--no-progress", "--eval-episodes", "0", "--set", "network.hidden_size=16", "--set", "train.learning_starts=50",
+            "--set", "train.train_freq=4", "--set", "train.gradient_steps=1"]  # an update at the last step
+    assert main(["train", "--task", "CartPole-v1", "--timesteps", "600", "--run-dir", str(run),
+                 "--set", "train.lr_schedule=linear", "--set", "train.lr_final_fraction=0", *fast]) == 0
+    saved = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert saved["agent"]["optimizer"]["param_groups"][0]["lr"] < 1e-5  # near the schedule's end
+    saved["agent"]["optimizer"]["param_groups"][0]["lr"] = 0.0  # where a run whose last update ends its budget is
+    torch.save(saved, run / "checkpoints" / "last.pt")
+    assert main(["evaluate", str(run), "--episodes", "2", "--no-progress"]) == 0
+    assert main(["train", "--resume", str(run), "--timesteps", "800", "--no-progress", "--eval-episodes", "0"]) == 0

@@ -213,3 +213,38 @@ def test_prioritized_draws_below_end_id_follow_priorities_across_the_wrap(
     assert set(uniform["ids"].tolist()) == set(window.tolist())
     with pytest.raises(Conflict, match="evicted"):
         collection.sample(4, False, 0.4, service.rng, end_id=15)
+
+
+def test_stored_rows_start_at_the_priorities_their_writer_gives(service: MemoryService) -> None:
+    service.create("i", 3, capacity=None, embedding_dim=None, priority_alpha=1.0)
+    batch = arrays(4)
+    batch["priorities"] = np.array([1.0, 3.0, np.nan, 0.0], np.float32)  # NaN: the running max
+    service.store("i", batch, None)
+    collection = service.get("i")
+    assert collection.max_priority == pytest.approx(3.0)
+    drawn = collection.sample(1000, True, 1.0, np.random.default_rng(0), batches=40)
+    shares = np.bincount(drawn["ids"], minlength=4) / len(drawn["ids"])
+    # 1 : 3 : 3 (NaN took the maximum) : 1e-6 (0 is clipped to the smallest priority)
+    np.testing.assert_allclose(shares, [1 / 7, 3 / 7, 3 / 7, 0.0], atol=0.01)
+    later = arrays(1, start=4)
+    service.store("i", later, None)  # no priorities given: the maximum seen so far
+    assert collection.priorities.get(collection.ring.slots(np.array([4])))[0] == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize(
+    ("priorities", "message"),
+    [
+        (np.array([1.0, -1.0]), "finite and >= 0"),
+        (np.array([1.0, np.inf]), "finite and >= 0"),
+        (np.array([1, 2]), "dtype must be a float"),
+        (np.array([1.0]), r"expected shape \[2\]"),
+    ],
+)
+def test_bad_initial_priorities_are_refused_and_store_nothing(
+    service: MemoryService, priorities: np.ndarray, message: str
+) -> None:
+    service.create("j", 3, capacity=None, embedding_dim=None, priority_alpha=0.6)
+    batch = {**arrays(2), "priorities": priorities}
+    with pytest.raises(InvalidInput, match=message):
+        service.store("j", batch, None)
+    assert service.get("j").ring.size == 0

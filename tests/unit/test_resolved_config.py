@@ -38,7 +38,9 @@ from agent.tasks import (
     task_spaces,
 )
 
-SECTIONS = {"run", "network", "replay", "train", "evaluate", "memory", "meta", "rewards", "curriculum", "tasks"}
+SECTIONS = {
+    "run", "network", "replay", "train", "evaluate", "memory", "meta", "rewards", "curriculum", "tasks", "distributed",
+}
 
 
 def _weight(manager: TaskRewardManager, component: RewardComponent) -> float:
