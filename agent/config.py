@@ -211,6 +211,12 @@ class TrainConfig(Section):
     the last weights are not a lucky snapshot of an oscillating policy."""
     lr_final_fraction: float = Field(ge=0.0, le=1.0)
     """The linear schedule's last learning rate, as a fraction of ``learning_rate``."""
+    reward_scale: float = Field(gt=0.0)
+    """Rewards are multiplied by this in every update (local, memory and similar rows alike;
+    what is stored stays as the environment gave it): large returns make large TD errors."""
+    reward_clip: float | None = Field(gt=0.0)
+    """After scaling, rewards are clipped to [-reward_clip, reward_clip] in every update (DQN's
+    Atari clipping at 1; with n-step returns the clip applies to the n-step sum). null: none."""
 
 
 class EvaluateConfig(Section):

@@ -181,6 +181,7 @@ class Learner:
                 else weights / n_local
             )
             scale = torch.cat([local_scale, memory_weights / n_memory])
+        rows = self._shaped(rows)
         if self._uses_dropout:
             self.q_network.train()
         try:
@@ -218,6 +219,17 @@ class Learner:
             td_local=td[:n_local].detach(),
             td_memory=None if memory is None else td[n_local:].detach(),
         )
+
+    def _shaped(self, rows: Transitions) -> Transitions:
+        """``rows`` with the rewards scaled and clipped as ``train.reward_scale`` and
+        ``train.reward_clip`` say (unchanged by default)."""
+        scale, clip = self.train.reward_scale, self.train.reward_clip
+        if scale == 1.0 and clip is None:
+            return rows
+        rewards = rows.rewards * scale
+        if clip is not None:
+            rewards = rewards.clamp(-clip, clip)
+        return rows._replace(rewards=rewards)
 
     def _maybe_update_target(self) -> None:
         if self.train.target_update == "soft":

@@ -61,6 +61,8 @@ def _train_command(args: argparse.Namespace) -> int:
             raise UsageError(f"--actors must be at least 1, got {args.actors}")
         if args.resume:
             raise UsageError("--actors: a distributed run cannot be resumed yet; start a new run")
+        if args.curriculum:
+            raise UsageError("the curriculum runs in one process: drop --curriculum or --actors")
         # Ape-X: the actors' rows reach the learner through the Memory service only.
         extra += [f"distributed.actors={args.actors}", "memory.enabled=true"]
     if args.ray_address is not None:

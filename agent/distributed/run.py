@@ -84,6 +84,8 @@ class DistributedTrainer:
             raise ValueError("distributed.actors must be >= 1 for a distributed run")
         if self.config.train.total_timesteps is None:
             raise ValueError("a distributed run needs a step budget (train.total_timesteps, --timesteps)")
+        if self.config.train.use_curriculum:
+            raise ValueError("the curriculum runs in one process: drop --curriculum or --actors")
         self.epsilons = apex_epsilons(dist.actors, dist.epsilon, dist.epsilon_alpha)
         self.actor_restarts = 0
         self.learner_restarts = 0

@@ -24,6 +24,11 @@ FAST = ["--set", "network.hidden_size=16", "--set", "train.learning_starts=50", 
         (["train", "--timesteps", "many"], "invalid int value"),
         (["evaluate", "/no/such/run"], "does not exist"),
         (["frobnicate"], "invalid choice"),
+        (["train", "--actors", "0"], "--actors must be at least 1"),
+        (["train", "--actors", "2", "--resume", "runs/x"], "cannot be resumed yet"),
+        (["train", "--task", "navigation", "--actors", "2", "--curriculum"], "the curriculum runs in one process"),
+        (["train", "--actors", "2", "--learner-device", "tpu"], "invalid choice: 'tpu'"),
+        (["train", "--actors", "2", "--set", "distributed.epsilon=2"], "distributed.epsilon"),
     ],
 )
 def test_user_errors_are_one_line_and_exit_2(argv, message, capsys):

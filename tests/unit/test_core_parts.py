@@ -156,3 +156,25 @@ def test_rows_of_another_size_are_refused_not_learned() -> None:
     config = _config()
     memory = MemoryReplay(FakeService(features=7), config.memory, torch.device("cpu"), RowShapeGuard(4))
     assert memory.sample(6, num_batches=2) == [None, None]
+
+
+@pytest.mark.parametrize("closed_form", [True, False])
+def test_rewards_are_scaled_then_clipped_in_the_update_only(closed_form: bool) -> None:
+    flags = [f"train.closed_form_update={str(closed_form).lower()}"]
+    shaped = _learner(_config(*flags, "train.reward_scale=0.5", "train.reward_clip=1.0"))
+    plain = _learner(_config(*flags))
+    rng = np.random.default_rng(0)
+    batch = Transitions(
+        torch.from_numpy(rng.normal(size=(16, 4)).astype(np.float32)),
+        torch.from_numpy(rng.integers(0, 2, 16)),
+        torch.tensor([-9.0, -1.0, 0.4, 3.0] * 4),
+        torch.from_numpy(rng.normal(size=(16, 4)).astype(np.float32)),
+        torch.zeros(16),
+    )
+    by_hand = batch._replace(rewards=torch.tensor([-1.0, -0.5, 0.2, 1.0] * 4))
+    stats = shaped.update(batch)
+    expected = plain.update(by_hand)
+    torch.testing.assert_close(stats.td_local, expected.td_local)
+    for a, b in zip(shaped.q_network.parameters(), plain.q_network.parameters()):
+        torch.testing.assert_close(a, b)
+    assert batch.rewards[0] == -9.0  # the caller's rows (a buffer's, the service's) are untouched
