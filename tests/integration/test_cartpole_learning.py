@@ -33,15 +33,15 @@ def test_resume_equals_a_straight_run(tmp_path):
     # A lighter network than the defaults keeps this quick; the resume logic is what is tested.
     common = ["--task", "CartPole-v1", "--seed", "7", "--eval-episodes", "0", "--no-progress",
               "--set", "network.hidden_size=64", "--set", "train.train_freq=8", "--set", "train.gradient_steps=1",
-              # CartPole's tuned profile explores linearly over the budget the first run names (25k
-              # here, 50k straight): per-episode exploration keeps both runs on one schedule.
+              # CartPole's tuned profile explores linearly over the budget the first run names (10k
+              # here, 20k straight): per-episode exploration keeps both runs on one schedule.
               "--set", "train.exploration=exponential",
               # and lowers its learning rate over that budget: a constant one for the same reason
               "--set", "train.lr_schedule=constant"]
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert main(["train", "--timesteps", "50000", "--run-dir", str(straight), *common]) == 0
-    assert main(["train", "--timesteps", "25000", "--run-dir", str(split), *common]) == 0
-    assert main(["train", "--resume", str(split), "--timesteps", "50000", "--eval-episodes", "0", "--no-progress"]) == 0
+    assert main(["train", "--timesteps", "20000", "--run-dir", str(straight), *common]) == 0
+    assert main(["train", "--timesteps", "10000", "--run-dir", str(split), *common]) == 0
+    assert main(["train", "--resume", str(split), "--timesteps", "20000", "--eval-episodes", "0", "--no-progress"]) == 0
 
     a_net, a_opt, a_steps = _weights(straight / "checkpoints" / "last.pt")
     b_net, b_opt, b_steps = _weights(split / "checkpoints" / "last.pt")

@@ -196,3 +196,40 @@ def test_exported_onnx_matches_torch(project: Path) -> None:
     assert (export / "model_card.md").read_text().count("|") > 10  # the metrics table is filled in
 
 
+
+
+def _stable(metrics: dict) -> dict:
+    """A stage's metrics without the figures that depend on the machine's speed."""
+    return {k: v for k, v in metrics.items() if "seconds" not in k and "per_second" not in k}
+
+
+def test_the_quick_profile_on_ray_gives_the_local_runs_outputs(
+    prefect_harness, ray_instance: str, project: Path, tmp_path: Path
+) -> None:
+    """`pipeline.task_runner: ray`: every stage a Ray task (prefect-ray), the searches' trials Ray
+    tasks too; the same files and the same figures as the flow in threads above (one seed)."""
+    import optuna
+
+    from flows.pipeline import pipeline, pipeline_flow
+
+    params = [str(project / "params.yaml")]
+    if not (project / "metrics" / "train_beginner.json").exists():  # this test run alone
+        pipeline(params_files=params, root=str(project))
+    overrides = ["pipeline.task_runner=ray"]
+    summary = pipeline_flow(params, overrides)(params_files=params, overrides=overrides, root=str(tmp_path))
+    assert [r["name"] for r in summary["stages"]] == list(STAGES)
+    for folder in ("models", "metrics"):
+        local = sorted(p.relative_to(project) for p in (project / folder).rglob("[!.]*") if p.is_file())
+        on_ray = sorted(p.relative_to(tmp_path) for p in (tmp_path / folder).rglob("[!.]*") if p.is_file())
+        assert on_ray == local, folder
+    for path in sorted((project / "metrics").glob("*.json")):
+        if path.stem == "export":  # the test above re-exported with another ONNX opset
+            continue
+        local_metrics = _stable(json.loads(path.read_text()))
+        assert _stable(json.loads((tmp_path / "metrics" / path.name).read_text())) == local_metrics, path.name
+    study = optuna.load_study(
+        study_name="pipeline_navigation/navigation@beginner/hyperparameters",
+        storage=f"sqlite:///{tmp_path / 'results' / 'search_hyperparameters' / 'study.db'}",
+    )
+    workers = {trial.user_attrs.get("worker") for trial in study.trials}
+    assert None not in workers and not any(w.endswith(f":{os.getpid()}") for w in workers)  # Ray tasks

@@ -60,19 +60,3 @@ def test_parallel_stages_overlap_and_match_a_serial_run(serial: tuple[Metrics, S
     assert not _overlap(serial[1])
     assert _overlap(parallel_spans)  # the searches ran beside training
     _same_results(parallel, serial[0])
-
-
-def test_stages_and_trials_on_ray_match_a_serial_run(
-    serial: tuple[Metrics, Spans], ray_instance: str, tmp_path: Path
-) -> None:
-    import optuna
-
-    on_ray, spans = _run(tmp_path / "ray", 1, "pipeline.task_runner=ray")
-    assert _overlap(spans)  # on Ray the independent stages run at once
-    _same_results(on_ray, serial[0])  # one trial worker per search: the serial run's trials
-    study = optuna.load_study(
-        study_name="pipeline_navigation/navigation@beginner/hyperparameters",
-        storage=f"sqlite:///{tmp_path / 'ray' / 'results' / 'search_hyperparameters' / 'study.db'}",
-    )
-    workers = {trial.user_attrs.get("worker") for trial in study.trials}
-    assert None not in workers and len(workers) == 1  # ran as a Ray task, not in this process
