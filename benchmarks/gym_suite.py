@@ -61,16 +61,17 @@ ZOO: dict[str, dict[str, Any]] = {
 }
 
 
-def run_ours(env_id: str, seed: int, budget: int, tuned: bool) -> dict[str, Any]:
+def run_ours(env_id: str, seed: int, budget: int, tuned: bool,
+             overrides: list[str] | None = None) -> dict[str, Any]:
     """As ``lagent train --task ENV --seed S --timesteps N`` configures it (tuned=False: as if
-    params.yaml had no entry for this env)."""
+    params.yaml had no entry for this env); ``overrides`` (``--set``) go on top of all that."""
     from agent import LearningAgent, TrainingManager
     from agent.config import load_config
     from agent.tasks import task_spaces
 
     config = load_config(
         overrides=[f"train.task={env_id}", f"run.seed={seed}", f"train.total_timesteps={budget}",
-                   "train.max_episodes=null", "train.final_model=last"],
+                   "train.max_episodes=null", "train.final_model=last", *(overrides or [])],
         gym_env=True, gym_tuned=tuned,
     )
     agent = LearningAgent(*task_spaces(env_id, config=config), config=config)
@@ -126,14 +127,21 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
     return json.loads(path.read_text())["rows"] if path.exists() else []
 
 
+def label(row: dict[str, Any]) -> str:
+    """The agent and its ``--set`` overrides, e.g. ``defaults+replay.n_step=3``."""
+    return "+".join([row["agent"], ",".join(row["set"])]) if row.get("set") else row["agent"]
+
+
 def summarise(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| env | agent | seeds | median | min | max | solved | median wall s |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    order = {"defaults": 0, "profile": 1, "sb3": 2}
+    labels = sorted({label(r) for r in rows}, key=lambda name: (order.get(name.split("+")[0], 3), name))
     for env_id, spec in ENVS.items():
-        for agent in ("defaults", "profile", "sb3"):
-            mine = [r for r in rows if r["env"] == env_id and r["agent"] == agent]
+        for agent in labels:
+            mine = [r for r in rows if r["env"] == env_id and label(r) == agent]
             if not mine:
                 continue
             means = [r["mean_reward"] for r in mine]
@@ -153,6 +161,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON file the rows are appended to")
     parser.add_argument("--summary", action="store_true", help="only print the table of --out")
     parser.add_argument("--timesteps", type=int, help="replace the zoo's budget (a quick smoke run)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one of our agent's settings (defaults and profile; repeatable)")
     args = parser.parse_args()
     if args.summary:
         print(summarise(load_rows(args.out)))
@@ -168,13 +178,16 @@ def main() -> int:
                 if agent == "sb3":
                     result = run_sb3(env_id, seed, budget)
                 else:
-                    result = run_ours(env_id, seed, budget, tuned=agent == "profile")
+                    result = run_ours(env_id, seed, budget, tuned=agent == "profile", overrides=args.overrides)
                 row = {"env": env_id, "agent": agent, "seed": seed, "budget": budget,
                        "mean_reward": float(np.mean(result["rewards"])), **result}
-                rows = [r for r in rows if (r["env"], r["agent"], r["seed"]) != (env_id, agent, seed)] + [row]
+                if args.overrides and agent != "sb3":
+                    row["set"] = list(args.overrides)
+                key = (env_id, label(row), seed)
+                rows = [r for r in rows if (r["env"], label(r), r["seed"]) != key] + [row]
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps({"rows": rows}, indent=1))
-                print(f"{env_id} {agent:8s} seed {seed}: {row['mean_reward']:8.1f} "
+                print(f"{env_id} {label(row):8s} seed {seed}: {row['mean_reward']:8.1f} "
                       f"in {result['wall']:.0f} s ({result['updates']} updates)", flush=True)
     print()
     print(summarise(rows))
