@@ -80,15 +80,6 @@ def test_two_actors_learn_cartpole_from_service_fed_replay_only(
     assert (tmp_path / "run" / "checkpoints" / "distributed.pt").exists()
 
 
-def learner_process() -> int:
-    """The pid of the (one) Ape-X learner actor's worker process."""
-    import psutil
-
-    found = [p.pid for p in psutil.process_iter(["cmdline"]) if "ApexLearner" in " ".join(p.info["cmdline"] or ())]
-    assert len(found) == 1, found
-    return found[0]
-
-
 def test_killed_actors_and_learners_come_back_and_nothing_counted_is_lost(
     ray_instance: str, shared_memory_server: MemoryServer, tmp_path: Path  # noqa: F811
 ) -> None:
@@ -108,7 +99,8 @@ def test_killed_actors_and_learners_come_back_and_nothing_counted_is_lost(
             killed["actor"] = result["pid"]
             os.kill(result["pid"], signal.SIGKILL)
         elif "actor" in killed and "learner" not in killed and step > 4000:
-            killed["learner"] = learner_process()
+            assert runner.loop is not None
+            killed["learner"] = runner.loop.learner_pid
             os.kill(killed["learner"], signal.SIGKILL)
 
     summary = runner.run(on_result=kill_actor_then_learner)
