@@ -40,7 +40,7 @@ def apex_config(server: MemoryServer, *overrides: str) -> Any:
 LEARNING_SETTINGS = (
     # CartPole's profile (n-step 3, linearly falling rate) with one update per collected step:
     # 20k steps reached greedy 500, 491 and 409 with the last weights in three runs here
-    "train.total_timesteps=25000",
+    "train.total_timesteps=20000",
     "train.learning_rate=0.001",
     "train.gradient_steps=256",
     "train.target_update_interval=256",
@@ -85,7 +85,7 @@ def test_killed_actors_and_learners_come_back_and_nothing_counted_is_lost(
 ) -> None:
     config = apex_config(
         shared_memory_server,
-        "train.total_timesteps=8000",
+        "train.total_timesteps=6000",
         "train.checkpoint_frequency=20",  # the learner saves learner.pt every 20 episodes
         "distributed.rollout_steps=16",
         "replay.n_step=1",
@@ -95,10 +95,10 @@ def test_killed_actors_and_learners_come_back_and_nothing_counted_is_lost(
 
     def kill_actor_then_learner(result: Mapping[str, Any]) -> None:
         step = runner.trainer.global_step
-        if result["actor"] == 1 and "actor" not in killed and step > 2000:
+        if result["actor"] == 1 and "actor" not in killed and step > 1500:
             killed["actor"] = result["pid"]
             os.kill(result["pid"], signal.SIGKILL)
-        elif "actor" in killed and "learner" not in killed and step > 4000:
+        elif "actor" in killed and "learner" not in killed and step > 3000:
             assert runner.loop is not None
             killed["learner"] = runner.loop.learner_pid
             os.kill(killed["learner"], signal.SIGKILL)
@@ -110,7 +110,7 @@ def test_killed_actors_and_learners_come_back_and_nothing_counted_is_lost(
     # the learner came back from its checkpoint, not from scratch, and went on learning
     assert len(report["learner_resumed_at"]) == 1 and report["learner_resumed_at"][0] > 0
     assert summary["training_steps"] > report["learner_resumed_at"][0]
-    assert summary["global_step"] >= 8000
+    assert summary["global_step"] >= 6000
     # Rows of every rollout the driver counted were on disk in the actor's outbox before it
     # reported them; the restarted actor delivered whatever its predecessor had left.
     assert stored_rows(shared_memory_server, config.memory.collection) == summary["global_step"]

@@ -18,7 +18,7 @@ def _weights(path):
 
 def test_an_n_step_resume_equals_a_straight_run(tmp_path):
     # Schedules fixed by the first run's budget (linear exploration, as CartPole's tuned profile
-    # has) would differ between a 10k run and a 20k one: per-episode exploration has none.
+    # has) would differ between a 6k run and a 12k one: per-episode exploration has none.
     common = ["--task", "CartPole-v1", "--seed", "7", "--eval-episodes", "0", "--no-progress",
               "--set", "network.hidden_size=64", "--set", "train.train_freq=8", "--set", "replay.n_step=3",
               "--set", "train.exploration=exponential", "--set", "train.gradient_steps=1",
@@ -26,11 +26,11 @@ def test_an_n_step_resume_equals_a_straight_run(tmp_path):
               # CartPole's profile lowers the rate over the budget the first run names: constant here
               "--set", "train.lr_schedule=constant"]
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert main(["train", "--timesteps", "20000", "--run-dir", str(straight), *common]) == 0
-    assert main(["train", "--timesteps", "10000", "--run-dir", str(split), *common]) == 0
+    assert main(["train", "--timesteps", "12000", "--run-dir", str(straight), *common]) == 0
+    assert main(["train", "--timesteps", "6000", "--run-dir", str(split), *common]) == 0
     pending = torch.load(split / "checkpoints" / "last.pt", weights_only=True)["trainer"]["n_step_windows"]
     assert int(pending["count"].sum()) > 0  # the checkpoint holds steps not yet in a transition
-    assert main(["train", "--resume", str(split), "--timesteps", "20000", "--eval-episodes", "0", "--no-progress"]) == 0
+    assert main(["train", "--resume", str(split), "--timesteps", "12000", "--eval-episodes", "0", "--no-progress"]) == 0
 
     a_net, a_opt, a_steps = _weights(straight / "checkpoints" / "last.pt")
     b_net, b_opt, b_steps = _weights(split / "checkpoints" / "last.pt")

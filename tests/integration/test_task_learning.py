@@ -50,7 +50,7 @@ def train_and_compare(task: str, steps: int, seed: int = 0) -> dict[str, dict[st
     )
     asyncio.run(trainer.train())
     results = {}
-    for name, epsilon in (("trained", 0.05), ("greedy", 0.0), ("random", 1.0)):
+    for name, epsilon in (("trained", 0.05), ("random", 1.0)):
         asyncio.run(trainer.evaluate(num_episodes=EPISODES, epsilon=epsilon, seed=777))
         results[name] = {
             "success_rate": trainer.last_evaluation["success_rate"],
