@@ -126,9 +126,7 @@ def _train_command(args: argparse.Namespace) -> int:
                     summary = trainer.run(progress=update)
     except MemoryServiceError as exc:
         raise UsageError(exc.headline) from None
-    if distributed:
-        pass  # its actors' clients reported above; the head's client stored nothing
-    elif memory_client is not None:
+    if memory_client is not None and not distributed:  # a distributed run's actors reported above
         summary["memory"] = memory_client.metrics()  # after the final flush
         echo(
             f"memory: {summary['memory']['delivered']:,.0f} transitions stored in "

@@ -183,7 +183,8 @@ class DistributedTrainer:
         self.device = self._learner_device(resources)
         learner_cpus = 1.0
         self.actor_cpus = self._actor_cpus(resources, learner_cpus)
-        runtime_env = {"env_vars": self._env_vars()} if self._env_vars() else None
+        env_vars = self._env_vars()
+        runtime_env = {"env_vars": env_vars} if env_vars else None
         config_dict = config.to_dict()
         learner = (
             ray.remote(ApexLearner)

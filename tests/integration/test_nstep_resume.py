@@ -7,13 +7,9 @@ import pytest
 import torch
 
 from flows.cli import main
+from tests.integration.test_cartpole_learning import _weights
 
 pytestmark = pytest.mark.slow
-
-
-def _weights(path):
-    state = torch.load(path, weights_only=True)["agent"]
-    return state["q_network"], state["optimizer"]["state"], state["training_steps"]
 
 
 def test_an_n_step_resume_equals_a_straight_run(tmp_path):
