@@ -217,6 +217,15 @@ class TrainConfig(Section):
     reward_clip: float | None = Field(gt=0.0)
     """After scaling, rewards are clipped to [-reward_clip, reward_clip] in every update (DQN's
     Atari clipping at 1; with n-step returns the clip applies to the n-step sum). null: none."""
+    stop_at_reward: float | None
+    """End the run at the first evaluation during training whose mean greedy reward reaches this
+    (SB3's ``StopTrainingOnRewardThreshold``): a solved task stops spending its budget. null: never."""
+
+    @model_validator(mode="after")
+    def _stop_needs_evaluations(self) -> "TrainConfig":
+        if self.stop_at_reward is not None and not self.eval_frequency:
+            raise ValueError("train.stop_at_reward needs evaluations during training: set train.eval_frequency > 0")
+        return self
 
 
 class EvaluateConfig(Section):
@@ -610,7 +619,11 @@ def format_validation_error(exc: ValidationError, source: str, prefix: str | Non
     first = exc.errors()[0]
     where = ".".join(str(p) for p in ([prefix] if prefix else []) + list(first["loc"]))
     more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"{source}: {where}: {first['msg']} (got {first.get('input')!r}){more}"
+    given = first.get("input")
+    # a rule across a section's keys gets the whole section as its input: its message says it all
+    got = "" if isinstance(given, Mapping) and first["type"] == "value_error" else f" (got {given!r})"
+    message = first["msg"].removeprefix("Value error, ") if not got else first["msg"]
+    return f"{source}: {where}: {message}{got}{more}"
 
 
 def load_config(

@@ -168,6 +168,12 @@ def _train_command(args: argparse.Namespace) -> int:
         f"({summary.get('steps_per_second', 0):,.0f} steps/s)",
         args,
     )
+    if summary.get("reached_reward") is not None:
+        echo(
+            f"stopped at step {summary['reached_reward']:,}: an evaluation reached "
+            f"train.stop_at_reward={trainer.config.train.stop_at_reward:g}",
+            args,
+        )
     if evaluation:
         echo(
             f"greedy evaluation over {evaluation['episodes']} episodes: "

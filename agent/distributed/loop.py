@@ -82,7 +82,11 @@ class ApexLoop:
         return int(max(0, self.state.global_step - train.learning_starts) * self.ratio) - self.updates
 
     def may_collect(self) -> bool:
-        if self.state.global_step + self.in_flight_rows >= self.total or self.trainer.stop_requested:
+        if (
+            self.state.global_step + self.in_flight_rows >= self.total
+            or self.trainer.stop_requested
+            or self.trainer.reached_reward
+        ):
             return False
         return self.allowed_updates() <= self.lag_limit
 
@@ -97,8 +101,8 @@ class ApexLoop:
         self.pending[ref] = ("actor", i)
 
     def submit_learner(self) -> None:
-        if any(kind == "learner" for kind, _ in self.pending.values()):
-            return
+        if self.trainer.reached_reward or any(kind == "learner" for kind, _ in self.pending.values()):
+            return  # a run that reached train.stop_at_reward keeps the weights that did
         n = min(self.allowed_updates(), self.config.distributed.publish_interval)
         if n > 0:
             progress = min(self.state.global_step / self.total, 1.0)  # the learning-rate schedule's

@@ -240,6 +240,13 @@ class Trainer:
         """Whether :meth:`request_stop` was called (a distributed run's driver polls it)."""
         return self._stop_requested
 
+    @property
+    def reached_reward(self) -> bool:
+        """Whether the latest evaluation reached ``train.stop_at_reward``: the run is done. Read
+        from the run's evaluations, so a run resumed after reaching it stops at once."""
+        target = self.config.train.stop_at_reward
+        return target is not None and bool(self.evaluations) and self.evaluations[-1][1] >= target
+
     # ------------------------------------------------------------------ exploration
 
     def _linear_epsilon(self) -> float:
@@ -312,7 +319,7 @@ class Trainer:
         start_step, started = self.global_step, time.perf_counter()
         self._train_started, seconds_before = started, self.train_seconds
         state = self.run_state
-        while budget_left() and not self._stop_requested:
+        while budget_left() and not self._stop_requested and not self.reached_reward:
             train = self.config.train  # callbacks may change it
             if train.exploration == "linear":
                 state.epsilon = self._linear_epsilon()
@@ -516,6 +523,7 @@ class Trainer:
             "recent_mean_reward": self.recent_mean_reward() if self.episode_rewards else None,
             "best_eval_reward": self.best_eval_reward if self.evaluations else None,
             "final_model": self.config.train.final_model if self.run_state.best_weights is not None else "last",
+            "reached_reward": self.evaluations[-1][0] if self.reached_reward else None,
             "invalid_actions": self.invalid_actions,
             "invalid_action_rate": self.invalid_actions / max(self.actions_taken, 1),
             "clipped_actions": self.clipped_actions,

@@ -38,15 +38,18 @@ def apex_config(server: MemoryServer, *overrides: str) -> Any:
 
 
 LEARNING_SETTINGS = (
-    # CartPole's profile (n-step 3, linearly falling rate) with one update per collected step:
-    # 20k steps reached greedy 500, 491 and 409 with the last weights in three runs here
-    "train.total_timesteps=20000",
+    # CartPole's profile (n-step 3, linearly falling rate) with one update per collected step.
+    # Distributed runs are not repeatable (the actors' timing decides what the learner sees):
+    # 20k steps ended at 500, 491, 409 and 406 in four runs. So the run stops at the first
+    # evaluation of 20 episodes that is perfect, within 40k: 12.5k to 22.5k steps in four runs
+    # here, each then 500 on 20 other episodes (a stop at 490 once scored 473 on those).
+    "train.total_timesteps=40000",
     "train.learning_rate=0.001",
     "train.gradient_steps=256",
     "train.target_update_interval=256",
-    # evaluations along the way, the best one's weights kept (as train.final_model does in one process)
-    "train.eval_frequency=5000",
-    "train.eval_episodes=10",
+    "train.eval_frequency=2500",
+    "train.eval_episodes=20",
+    "train.stop_at_reward=500",
     "train.final_model=best",
 )
 
@@ -73,8 +76,9 @@ def test_two_actors_learn_cartpole_from_service_fed_replay_only(
     unsent = summary["global_step"] - stored - report["rows_cut"]
     assert 0 <= unsent <= (config.replay.n_step - 1) * config.train.num_envs * 2
     assert config.replay.n_step == 3  # CartPole's profile: the actors sent n-step rows
-    assert summary["global_step"] >= config.train.total_timesteps
-    mean, _ = runner.trainer.run_evaluation(num_episodes=20)
+    assert summary["reached_reward"] is not None, f"evaluations: {runner.trainer.evaluations}"
+    assert runner.trainer.evaluations[-1][1] == 500
+    mean, _ = runner.trainer.run_evaluation(num_episodes=20)  # other episodes than the run's evaluations
     assert mean >= 475, f"greedy return {mean:.1f} after {summary['global_step']} steps"
     assert (tmp_path / "run" / "checkpoints" / "last.pt").exists()
     assert (tmp_path / "run" / "checkpoints" / "distributed.pt").exists()

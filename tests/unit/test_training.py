@@ -235,3 +235,36 @@ def test_final_model_best_ends_with_the_best_evaluated_weights(small_config, tmp
     # the full checkpoint keeps the run's own last weights, so resuming continues the run
     last = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["agent"]["q_network"]
     assert torch.equal(torch.cat([t.flatten() for t in last.values()]), seen[-1][1])
+
+
+def test_stop_at_reward_ends_the_run_at_the_first_evaluation_that_reaches_it(small_config):
+    settings = ("train.eval_frequency=300", "train.eval_episodes=3")
+    full = make_trainer(small_config(*settings))
+    asyncio.run(full.train(total_timesteps=1500))
+    # the first evaluation above the first one's: the run stops there, before its budget
+    first = next(i for i, (_, reward) in enumerate(full.evaluations) if reward > full.evaluations[0][1])
+    target = full.evaluations[first][1]
+    assert full.evaluations[first][0] < 1500
+
+    stopped = make_trainer(small_config(*settings, f"train.stop_at_reward={target}"))
+    summary = asyncio.run(stopped.train(total_timesteps=1500))
+    stop_step = full.evaluations[first][0]
+    assert stopped.evaluations == full.evaluations[: first + 1]
+    assert summary["reached_reward"] == stop_step == stopped.global_step
+    assert stopped.episode_rewards == full.episode_rewards[: len(stopped.episode_rewards)]
+    # unreachable: the whole budget is spent
+    never = make_trainer(small_config(*settings, "train.stop_at_reward=1e9"))
+    assert asyncio.run(never.train(total_timesteps=900))["reached_reward"] is None
+    assert never.global_step == 900
+
+
+def test_stop_at_reward_needs_evaluations(small_config):
+    from agent.config import ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        small_config("train.stop_at_reward=100")
+    # one line that says what to do, without the whole section echoed back
+    assert str(error.value) == (
+        "configuration: train: train.stop_at_reward needs evaluations during training: "
+        "set train.eval_frequency > 0"
+    )
