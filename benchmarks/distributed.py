@@ -106,13 +106,12 @@ def make_config(sets: list[str], steps: int, actors: int, url: str | None, eval_
 
 
 class EvalClock:
-    """A metrics sink that stamps each evaluation with the wall seconds since ``start()`` and
-    stops the trainer at the first one that reaches ``target`` (when ``stop``)."""
+    """A metrics sink that stamps each evaluation with the wall seconds since ``start()``; the
+    first one that reaches ``target`` is the solve (``train.stop_at_reward`` ends the run there)."""
 
-    def __init__(self, target: float, stop: bool) -> None:
-        self.target, self.stop = target, stop
+    def __init__(self, target: float) -> None:
+        self.target = target
         self.started = time.perf_counter()
-        self.trainer: Any = None
         self.evaluations: list[tuple[int, float, float]] = []
         self.solved: tuple[int, float] | None = None
 
@@ -127,8 +126,6 @@ class EvalClock:
         self.evaluations.append((int(step), mean, seconds))
         if self.solved is None and mean >= self.target:
             self.solved = (int(step), seconds)
-            if self.stop and self.trainer is not None:
-                self.trainer.request_stop()
 
     def close(self) -> None:
         pass
@@ -160,7 +157,6 @@ def run_single(config: Any, sink: EvalClock | None = None) -> dict[str, Any]:
 
     agent.learn = timed_learn  # an instance attribute: Trainer.run calls self.agent.learn
     if sink is not None:
-        sink.trainer = trainer
         sink.start()
     summary = trainer.run()
     wall = summary["wall_seconds"]
@@ -183,7 +179,6 @@ def run_distributed(config: Any, sink: EvalClock | None = None) -> dict[str, Any
     trainer = make_trainer(config, sink)
     driver = DistributedTrainer(trainer)
     if sink is not None:
-        sink.trainer = trainer
         sink.start()
     summary = driver.run()
     dist = summary["distributed"]
@@ -221,13 +216,12 @@ def part_solve(args: argparse.Namespace, url: str) -> list[dict[str, Any]]:
     for actors in (SOLVE_ACTORS, 0):
         label = f"distributed, {actors} actors" if actors else "single process"
         print(f"solve: {label}, up to {args.solve_steps} steps ...", flush=True)
-        sink = EvalClock(SOLVED, stop=True)
+        sink = EvalClock(SOLVED)
+        sets = [*args.set, f"train.stop_at_reward={SOLVED}"]
         if actors:
-            config = make_config(args.set, args.solve_steps, actors, url, args.eval_every)
-            run = run_distributed(config, sink)
+            run = run_distributed(make_config(sets, args.solve_steps, actors, url, args.eval_every), sink)
         else:
-            config = make_config(args.set, args.solve_steps, 0, None, args.eval_every)
-            run = run_single(config, sink)
+            run = run_single(make_config(sets, args.solve_steps, 0, None, args.eval_every), sink)
         results.append(
             {
                 "mode": label,
