@@ -116,7 +116,7 @@ def test_pipeline_shows_its_stages(workdir: Path, prefect_harness: str) -> None:
 def test_pipeline_piped_prints_plain_lines(workdir: Path, prefect_harness: str) -> None:
     done = subprocess.run(
         [*LAGENT, "pipeline", "--quick", "--stages", "search_architecture", "--set", "pipeline.search_trials=2",
-         "--set", "pipeline.search_timesteps=600"],
+         "--set", "pipeline.search_timesteps=600", "--set", "pipeline.use_memory=false"],
         cwd=workdir, capture_output=True, text=True, timeout=180,
         env={**os.environ, "PREFECT_API_URL": prefect_harness},
     )
